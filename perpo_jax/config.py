@@ -1,0 +1,326 @@
+"""One typed config schema: dataclasses loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("configs/demo_shapes.yaml", ["optim.lr=1e-5", "mesh.shape=[2,2,2]"])
+
+Unknown keys and values of the wrong type are errors naming the dotted key. No jax import:
+the config is read on the host before any device is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the dotted key."""
+
+
+LLM_LINEARS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str | None = None  # local HF checkpoint dir; None = tiny random LLaVA (demo/tests)
+    tiny: dict[str, Any] = field(default_factory=dict)  # overrides for models.tiny_llava_config
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # master params (and optimizer state) dtype
+    remat: bool = False  # rematerialise each decoder block in the backward pass
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    rank: int = 128
+    alpha: float = 256.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: [LLM_LINEARS])  # regexes over module paths
+    trainable: list[str] = field(default_factory=list)  # module-path regexes trained fully
+
+
+@dataclass
+class LossConfig:
+    name: str = "perpo"  # perpo | lipo | lipo_lambda | dpo | sft
+    beta: float = 0.1
+    gamma: float = 0.5
+    label_smoothing: float = 0.0
+    sft_target: str = "best"  # best | ground_truth
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "online"  # online (sample → reward → train rounds) | offline (pre-sampled lists)
+    rounds: int = 1  # online rounds
+    steps: int = 0  # update steps per round; 0 = one epoch over the round's lists
+    epochs: int = 1
+    lists_per_step: int = 2
+    num_candidates: int = 20  # K, list size after filtering/padding
+    max_length: int = 2048  # prompt (image tokens included) + response
+    max_response_length: int = 64
+    shared_prefix: bool = True  # image + prompt run once per list
+    precompute_ref: bool = True  # reference log-probs computed once when lists are built
+    seed: int = 0
+    log_every: int = 1
+    out_dir: str = "runs/default"
+
+
+@dataclass
+class MeshConfig:
+    shape: list[int] = field(default_factory=lambda: [-1, 1, 1])  # (data, fsdp, tensor)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # default: <train.out_dir>/checkpoints
+    save_every: int = 100
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    num_samples: int = 20
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    from_reference: bool = False  # sample from the frozen reference instead of the policy
+    prompts_per_round: int = 64
+
+
+@dataclass
+class DataConfig:
+    task: str = "grounding"  # grounding | ocr (a key of rewards.REWARDS)
+    source: str = "shapes_grounding"  # shapes_grounding | shapes_ocr | refcoco_style | official_json
+    data_dir: str = "runs/data"
+    path: str | None = None  # annotation / official JSON file for refcoco_style / official_json
+    image_dir: str | None = None
+    tokenizer: str | None = None  # tokenizer dir; default: the HF checkpoint's or the dataset's
+    num_train: int = 2000
+    num_val: int = 200
+    image_size: int = 64
+    min_margin: float = 0.8  # lists whose best − worst reward is below this are dropped
+    skip_invalid: bool = False  # skip (and report) malformed lines / missing images instead of failing
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    num_examples: int = 200
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    num_images: int = 8  # val images drawn into the report PNG
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "loss.name": ("perpo", "lipo", "lipo_lambda", "dpo", "sft"),
+    "loss.sft_target": ("best", "ground_truth"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "train.mode": ("online", "offline"),
+    "data.source": ("shapes_grounding", "shapes_ocr", "refcoco_style", "official_json"),
+}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks/converts `value` to annotation `tp`; raises ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key(s): {', '.join(where + k for k in unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Checks value ranges and choices; raises ConfigError naming the key."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "train.lists_per_step": cfg.train.lists_per_step,
+        "train.num_candidates": cfg.train.num_candidates,
+        "train.max_length": cfg.train.max_length,
+        "train.max_response_length": cfg.train.max_response_length,
+        "train.rounds": cfg.train.rounds,
+        "train.epochs": cfg.train.epochs,
+        "optim.grad_accum": cfg.optim.grad_accum,
+        "sampling.num_samples": cfg.sampling.num_samples,
+        "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
+        "checkpoint.save_every": cfg.checkpoint.save_every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "lora.rank": cfg.lora.rank,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.train.steps < 0:
+        raise ConfigError(f"train.steps: must be >= 0, got {cfg.train.steps}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.sampling.temperature < 0:
+        raise ConfigError(f"sampling.temperature: must be >= 0, got {cfg.sampling.temperature}")
+    if not 0.0 < cfg.sampling.top_p <= 1.0:
+        raise ConfigError(f"sampling.top_p: must be in (0, 1], got {cfg.sampling.top_p}")
+    if len(cfg.mesh.shape) != 3:
+        raise ConfigError(f"mesh.shape: needs 3 entries (data, fsdp, tensor), got {cfg.mesh.shape}")
+    if cfg.data.source in ("refcoco_style", "official_json") and not cfg.data.path:
+        raise ConfigError(f"data.path: required for data.source={cfg.data.source!r}")
+    return cfg
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"optim.lr=1e-5"` → ("optim.lr", 1e-05); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return key, value
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = _deepcopy_dict(data or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return validate(_build(Config, tree, ""))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML file (or the defaults when `path` is None) and applies dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _deepcopy_dict(d: dict) -> dict:
+    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in d.items()}

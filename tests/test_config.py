@@ -1,0 +1,68 @@
+"""Config schema: YAML + dotted overrides, errors name the key."""
+
+import pytest
+
+from perpo_jax.config import Config, ConfigError, config_from_dict, load_config, parse_override
+
+
+def test_defaults_are_the_official_recipe():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (128, 256.0, 0.05)
+    assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.grad_clip) == (5e-6, 0.03, 1.0)
+    assert (cfg.loss.beta, cfg.loss.gamma) == (0.1, 0.5)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 5e-6\nmesh:\n  shape: [-1, 1, 1]\nloss:\n  name: dpo\n")
+    cfg = load_config(path, ["optim.lr=1e-5", "mesh.shape=[2,2,2]", "lora.enabled=false"])
+    assert cfg.optim.lr == pytest.approx(1e-5)
+    assert cfg.mesh.shape == [2, 2, 2]
+    assert cfg.loss.name == "dpo"
+    assert cfg.lora.enabled is False
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("optim.lr=abc", "optim.lr"),
+        ("mesh.shape=3", "mesh.shape"),
+        ("loss.name=foo", "loss.name"),
+        ("train.steps=1.5", "train.steps"),
+        ("lora.enabled=maybe", "lora.enabled"),
+        ("nosection.x=1", "nosection"),
+        ("optim.lr", "optim.lr"),
+        ("train.lists_per_step=0", "train.lists_per_step"),
+        ("sampling.top_p=0", "sampling.top_p"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_nested_unknown_key_in_yaml():
+    with pytest.raises(ConfigError, match=r"train\.lisst_per_step"):
+        config_from_dict({"train": {"lisst_per_step": 2}})
+
+
+def test_required_path_for_file_sources():
+    with pytest.raises(ConfigError, match=r"data\.path"):
+        config_from_dict({"data": {"source": "official_json"}})
+
+
+def test_parse_override_yaml_values():
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=x=y") == ("a.b", "x=y")
