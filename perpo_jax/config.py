@@ -302,20 +302,43 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
     return validate(_build(Config, tree, ""))
 
 
+def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Reads a config YAML; a top-level `base: other.yaml` (relative to this file) is read
+    first and this file's sections are merged over it, so recipe variants state only what
+    differs."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: circular `base:` chain")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be a file name, got {base!r}")
+    return _merge(read_yaml_tree(path.parent / base, _seen + (path,)), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads a YAML file (or the defaults when `path` is None) and applies dotted overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = read_yaml_tree(path) if path is not None else {}
     return config_from_dict(data, overrides)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = _deepcopy_dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def config_to_dict(cfg: Config) -> dict:

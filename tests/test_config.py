@@ -66,3 +66,31 @@ def test_parse_override_yaml_values():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("a.b=null") == ("a.b", None)
     assert parse_override("a.b=x=y") == ("a.b", "x=y")
+
+
+def test_shipped_configs_load_and_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfgs = {p.stem: load_config(p) for p in sorted(root.glob("*.yaml"))}
+    assert {"demo_shapes", "llava15_7b_refcoco_perpo", "llava15_7b_refcoco_dpo",
+            "llava15_7b_refcoco_lipo", "qwen2_siglip_ocr_perpo"} <= set(cfgs)
+    perpo, dpo, lipo = (cfgs[f"llava15_7b_refcoco_{n}"] for n in ("perpo", "dpo", "lipo"))
+    assert (perpo.lora.rank, perpo.lora.alpha, perpo.lora.dropout) == (128, 256.0, 0.05)
+    assert (perpo.optim.lr, perpo.optim.warmup_ratio, perpo.optim.weight_decay) == (5e-6, 0.03, 0.0)
+    assert (perpo.train.lists_per_step, perpo.train.num_candidates, perpo.train.max_length) == (2, 20, 2048)
+    assert (perpo.data.min_margin, perpo.model.dtype) == (0.8, "bfloat16")
+    # baselines differ from the recipe only in the loss (and where they write)
+    for variant in (dpo, lipo):
+        for section in ("model", "lora", "optim", "mesh", "sampling", "data"):
+            assert getattr(variant, section) == getattr(perpo, section)
+    assert (dpo.loss.name, lipo.loss.name, lipo.loss.gamma) == ("dpo", "lipo", 0.0)
+    ocr = cfgs["qwen2_siglip_ocr_perpo"]
+    assert (ocr.train.num_candidates, ocr.data.min_margin, ocr.lora.trainable) == (5, 0.04, ["multi_modal_projector"])
+
+
+def test_base_chain_is_checked(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "a.yaml")
