@@ -1,0 +1,291 @@
+"""Discriminative rewards: box parsing + IoU, OCR edit distance, list building, registry."""
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from perpo_jax.rewards import (DROP_REASONS, REWARDS, build_lists, get_reward, iou_rewards,
+                               levenshtein, ocr_rewards, parse_box, register_reward,
+                               spread_indices)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OFFICIAL_EXAMPLE = REPO.parent / "shared" / "data" / "perpo_official_example.json"
+
+
+# ----------------------------------------------------------------------------- boxes
+@pytest.mark.parametrize("text,want", [
+    ("[0.12, 0.34, 0.56, 0.78]", [0.12, 0.34, 0.56, 0.78]),
+    ("[0.12,0.34,0.56,0.78]", [0.12, 0.34, 0.56, 0.78]),
+    ("The glass is at (0.61, 0.1, 0.77, 0.54).", [0.61, 0.1, 0.77, 0.54]),
+    ("box: [ 0 , 0 , 1 , 1 ] and [0.2, 0.2, 0.3, 0.3]", [0.0, 0.0, 1.0, 1.0]),
+    ("0.1, .2, 0.3, 4e-1", [0.1, 0.2, 0.3, 0.4]),
+    ("first [0.1, 0.2, 0.3, 0.4] second [0.5, 0.6, 0.7, 0.8]", [0.1, 0.2, 0.3, 0.4]),
+])
+def test_parse_box_reads_the_first_box(text, want):
+    box = parse_box(text)
+    assert box is not None and box.dtype == np.float32 and box.shape == (4,)
+    np.testing.assert_allclose(box, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("text", [
+    "", "no box here", "[0.1, 0.2, 0.3]", "[0.5, 0.2, 0.3, 0.4]",  # x1 >= x2
+    "[0.1, 0.5, 0.3, 0.5]",                                          # y1 == y2
+    "[0.1, 0.2, 1.3, 0.4]", "[-0.1, 0.2, 0.3, 0.4]",                 # out of range
+    "[nan, 0.2, 0.3, 0.4]", "[0.1, 0.2, inf, 0.4]", "[0.1, 0.2, 1e999, 0.4]",
+    "[10.1, 0.2, 0.3, 0.4]",                                         # no partial "0.1"
+    "[0.1, 0.2, 0.3, 0.45e]",
+])
+def test_parse_box_rejects(text):
+    assert parse_box(text) is None
+
+
+def hand_iou(a, b):
+    """Plain-python IoU written independently of the module."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = w * h if w > 0 and h > 0 else 0.0
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+def test_iou_hand_computed_cases():
+    texts = ["[0, 0, 0.5, 0.5]",        # identical -> 1
+             "[0.5, 0.5, 1, 1]",        # touching at a corner -> 0
+             "[0.25, 0, 0.75, 0.5]",    # half overlap: inter 0.125 / union 0.375 -> 1/3
+             "[0.1, 0.1, 0.2, 0.2]",    # inside: 0.01 / 0.25 -> 0.04
+             "garbage", "[0.4, 0.4, 0.1, 0.1]"]
+    gt = np.array([[0, 0, 0.5, 0.5]] * 6)
+    got = iou_rewards(texts, gt)
+    assert got.dtype == np.float32 and got.shape == (6,)
+    np.testing.assert_allclose(got, [1.0, 0.0, 1 / 3, 0.04, 0.0, 0.0], rtol=1e-6, atol=1e-7)
+
+
+def test_iou_random_boxes_vs_plain_python():
+    rng = np.random.default_rng(0)
+    lo = rng.uniform(0, 0.6, (500, 2))
+    pred = np.concatenate([lo, lo + rng.uniform(0.01, 0.4, (500, 2))], axis=1)
+    lo = rng.uniform(0, 0.6, (500, 2))
+    gt = np.concatenate([lo, lo + rng.uniform(0.01, 0.4, (500, 2))], axis=1)
+    texts = [f"Sure: [{a:.4f}, {b:.4f}, {c:.4f}, {d:.4f}]" for a, b, c, d in pred]
+    pred = np.round(pred, 4)  # what the text holds
+    want = [hand_iou(p, g) for p, g in zip(pred, gt)]
+    np.testing.assert_allclose(iou_rewards(texts, gt), want, rtol=1e-5, atol=1e-7)
+
+
+def test_iou_matches_official_example_within_rounding():
+    """The official list's IoUs were computed against the unrounded pixel box; our answer is the
+    2-decimal rounding of it, so only the ordering and rough values can agree."""
+    item = json.loads(OFFICIAL_EXAMPLE.read_text())[0]
+    gt = parse_box(item["answer"])
+    got = iou_rewards(item["answers_gen"], np.tile(gt, (len(item["answers_gen"]), 1)))
+    np.testing.assert_allclose(got, item["iou_scores"], atol=0.03)
+    assert got[-1] == 0.0
+
+
+def test_iou_shape_errors_name_the_argument():
+    with pytest.raises(ValueError, match="gt_boxes"):
+        iou_rewards(["[0, 0, 1, 1]"], np.zeros((2, 4)))
+
+
+box_like = st.lists(st.sampled_from(["[", "]", "(", ")", ",", " ", "0", "1", ".", "5", "-", "e",
+                                     "nan", "inf", "9", "box"]), max_size=30).map("".join)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(st.text(max_size=60), box_like),
+       st.lists(st.floats(0, 1), min_size=4, max_size=4))
+def test_iou_fuzz_always_finite_in_unit_interval(text, gt):
+    gt = np.array([sorted(gt[::2]) + sorted(gt[1::2])])[:, [0, 2, 1, 3]]
+    got = iou_rewards([text], gt)
+    assert got.shape == (1,) and got.dtype == np.float32
+    assert np.isfinite(got[0]) and 0.0 <= got[0] <= 1.0
+    box = parse_box(text)
+    if box is not None:
+        assert np.all((0 <= box) & (box <= 1)) and box[0] < box[2] and box[1] < box[3]
+
+
+# ----------------------------------------------------------------------------- OCR
+def python_levenshtein(a, b):
+    """Textbook full-matrix DP in plain python (the independent reference)."""
+    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a) + 1):
+        d[i][0] = i
+    for j in range(len(b) + 1):
+        d[0][j] = j
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1,
+                          d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return d[len(a)][len(b)]
+
+
+@pytest.mark.parametrize("a,b,want", [
+    ("kitten", "sitting", 3), ("", "", 0), ("", "abc", 3), ("abc", "", 3), ("flaw", "lawn", 2),
+    ("héllo wörld", "hello world", 2), ("日本語のテキスト", "日本語テキスト", 1), ("ab", "ba", 2),
+    ("🙂🙃", "🙃", 1),
+])
+def test_levenshtein_known_values(a, b, want):
+    assert levenshtein(a, b) == want
+    assert levenshtein(b, a) == want
+
+
+def test_levenshtein_random_unicode_vs_python_dp():
+    rng = random.Random(0)
+    alphabets = ["ab", "abcde ", "αβγ日本語🙂\u0301\n", "".join(map(chr, range(32, 2000, 37)))]
+    for trial in range(300):
+        alphabet = alphabets[trial % len(alphabets)]
+        a = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        if trial % 3 == 0:  # related strings: shared prefix/suffix and local edits
+            b = list(a)
+            for _ in range(rng.randint(0, 6)):
+                pos = rng.randint(0, len(b))
+                op = rng.choice(["ins", "del", "sub"])
+                if op == "ins" or not b:
+                    b.insert(pos, rng.choice(alphabet))
+                elif op == "del":
+                    del b[min(pos, len(b) - 1)]
+                else:
+                    b[min(pos, len(b) - 1)] = rng.choice(alphabet)
+            b = "".join(b)
+        else:
+            b = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert levenshtein(a, b) == python_levenshtein(a, b), (a, b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=25), st.text(max_size=25))
+def test_levenshtein_hypothesis_vs_python_dp(a, b):
+    assert levenshtein(a, b) == python_levenshtein(a, b)
+
+
+def test_ocr_rewards_values():
+    got = ocr_rewards(["kitten", "", "", "abc", "abcd"], ["sitting", "", "xy", "abc", "abce"])
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, [1 - 3 / 7, 1.0, 0.0, 1.0, 0.75], rtol=1e-6)
+
+
+def test_ocr_rewards_long_page():
+    rng = random.Random(1)
+    ref = "".join(rng.choice("abcdefghij klmnopqrstuvwxyz\n") for _ in range(2000))
+    pred = list(ref)
+    for _ in range(50):
+        pred[rng.randrange(len(pred))] = "#"  # 50 substitutions (<= 50 edits)
+    got = ocr_rewards(["".join(pred)], [ref])[0]
+    assert 1 - 50 / 2000 <= got < 1.0
+
+
+def test_ocr_rewards_argument_errors():
+    with pytest.raises(ValueError, match="references"):
+        ocr_rewards(["a"], ["a", "b"])
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        ocr_rewards(["a", None], ["a", "b"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_ocr_fuzz_always_finite_in_unit_interval(pred, ref):
+    got = ocr_rewards([pred], [ref])
+    assert got.shape == (1,) and np.isfinite(got[0]) and 0.0 <= got[0] <= 1.0
+    assert (got[0] == 1.0) == (pred == ref)
+
+
+# ----------------------------------------------------------------------------- lists
+def test_build_lists_filters_dedups_and_sorts():
+    responses = [
+        ["a", "b", "a", "c"],            # duplicate "a" (second copy, reward 0.0, removed)
+        ["x", "y"],                      # gap 0.5 < margin
+        ["only"],                        # too few
+        ["same", "same", "same"],        # dedup leaves one -> too few
+        ["p", "q", "r"],
+    ]
+    rewards = [np.array([0.5, 0.9, 0.0, 0.2]), np.array([0.2, 0.7]), np.array([1.0]),
+               np.array([0.0, 1.0, 0.5]), np.array([0.0, 1.0, 0.95])]
+    out = build_lists(responses, rewards, min_margin=0.8)
+    assert out.duplicates_removed == 3
+    assert out.dropped == {"too_few": 2, "margin": 2, "nonfinite_reward": 0}
+    assert set(out.dropped) == set(DROP_REASONS)
+    assert [c.index for c in out.lists] == [4]
+    assert out.lists[0].responses == ("q", "r", "p")
+    np.testing.assert_allclose(out.lists[0].rewards, [1.0, 0.95, 0.0])
+    # List 0 with a lower margin: kept, sorted, duplicate gone.
+    out = build_lists(responses[:1], rewards[:1], min_margin=0.5)
+    assert out.lists[0].responses == ("b", "a", "c")
+    np.testing.assert_allclose(out.lists[0].rewards, [0.9, 0.5, 0.2])
+
+
+def test_build_lists_accepts_a_2d_array_and_keeps_tie_order():
+    rewards = np.array([[0.3, 0.9, 0.3, 0.0], [0.1, 0.1, 0.1, 0.1]], np.float32)
+    out = build_lists([["a", "b", "c", "d"], ["e", "f", "g", "h"]], rewards, min_margin=0.05)
+    assert [c.index for c in out.lists] == [0]
+    assert out.lists[0].responses == ("b", "a", "c", "d")
+    assert out.dropped["margin"] == 1
+    assert out.lists[0].rewards.dtype == np.float32
+
+
+def test_build_lists_thins_keeping_best_and_worst():
+    texts = [f"r{k}" for k in range(20)]
+    scores = np.linspace(0.0, 1.0, 20)[::-1].copy()
+    np.random.default_rng(0).shuffle(scores)
+    out = build_lists([texts], [scores], min_margin=0.5, max_size=5)
+    kept = out.lists[0].rewards
+    assert len(kept) == 5 and kept[0] == 1.0 and kept[-1] == 0.0
+    assert np.all(np.diff(kept) < 0)
+    for n in range(2, 30):
+        for size in range(2, n + 1):
+            idx = spread_indices(n, size)
+            assert len(set(idx.tolist())) == size and idx[0] == 0 and idx[-1] == n - 1
+
+
+def test_build_lists_nonfinite_and_padding():
+    out = build_lists([["a", "b"], ["c", "d", "e"]], [np.array([np.nan, 1.0]),
+                                                      np.array([0.0, 1.0, 0.5])], min_margin=0.1)
+    assert out.dropped["nonfinite_reward"] == 1
+    rewards, mask = out.padded(4)
+    np.testing.assert_allclose(rewards, [[1.0, 0.5, 0.0, 0.0]])
+    assert mask.tolist() == [[True, True, True, False]]
+    with pytest.raises(ValueError, match="max_size"):
+        out.padded(2)
+
+
+def test_build_lists_argument_errors():
+    with pytest.raises(ValueError, match="list 0"):
+        build_lists([["a", "b"]], [np.array([1.0])], min_margin=0.1)
+    with pytest.raises(ValueError, match="max_size"):
+        build_lists([["a", "b"]], [np.array([1.0, 0.0])], min_margin=0.1, max_size=1)
+
+
+# ----------------------------------------------------------------------------- registry + import
+def test_registry():
+    assert REWARDS["grounding"] is iou_rewards and REWARDS["ocr"] is ocr_rewards
+
+    def length_reward(texts, targets):
+        return np.array([float(len(t) == n) for t, n in zip(texts, targets)], np.float32)
+
+    try:
+        register_reward("exact_length", length_reward)
+        assert get_reward("exact_length") is length_reward
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("exact_length", length_reward)
+        register_reward("exact_length", length_reward, overwrite=True)
+    finally:
+        REWARDS.pop("exact_length", None)
+    with pytest.raises(KeyError, match="grounding"):
+        get_reward("nope")
+
+
+def test_rewards_package_never_imports_jax():
+    code = ("import sys, perpo_jax.rewards as r; "
+            "r.iou_rewards(['[0,0,1,1]'], [[0,0,1,1]]); r.ocr_rewards(['a'], ['b']); "
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib'))))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=str(REPO), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
