@@ -1,0 +1,15 @@
+"""Data for perpo_jax: TFDS builders (array_record, read without TensorFlow), readers of local
+files, the tokenizer/processor that turns examples into token ids and pixels, and batching.
+
+Modules (import the one you need; nothing is imported here so `perpo_jax.data` stays light):
+- `shapes_scene`      synthetic shape scenes + unique referring expressions (numpy + PIL)
+- `shapes_grounding`  TFDS builder `shapes_grounding` over shapes_scene; `build(data_dir, ...)`
+- `shapes_ocr`        TFDS builder `shapes_ocr`: random text lines on noisy backgrounds
+- `refcoco_style`     readers: official PerPO lists JSON, RefCOCO-style JSONL (+ errors by line)
+- `refcoco_builders`  TFDS builders `refcoco_style` and `perpo_lists` over those readers
+- `local_builder`     the builders' common base (no downloads)
+- `loader`            `ShardedLoader`: per-host shards, seeded shuffling, resumable state
+- `tokenizer`         `train_tokenizer`: small byte-level BPE saved for AutoTokenizer
+- `processor`         `LlavaPromptProcessor`: LLaVA-v1 prompt, <image> expansion, pixel values
+- `batching`          right-padding to prompt [B, P] / response [B, K, R] arrays with masks
+"""

@@ -1,0 +1,236 @@
+"""Evaluation metrics on decoded predictions, JSON reports and box-drawing PNGs.
+
+Metrics take predicted TEXTS and ground truth, so any decoder (greedy sampling, an HF model,
+saved predictions) can feed them:
+
+- `grounding_metrics(texts, gt_boxes)`: Acc@0.5 (IoU >= 0.5) and mean IoU, with boxes read
+  by `perpo_jax.rewards.parse_box` (an unreadable answer scores IoU 0).
+- `ocr_metrics(texts, references)`: mean normalised edit distance (NED = 1 - the OCR reward),
+  character precision / recall / F1 and corpus BLEU-4 (`corpus_bleu`).
+- `write_report(path, metrics)`: JSON, written atomically.
+- `draw_boxes_png(path, images, gt_boxes, pred_boxes_by_method, captions)`: a grid of images
+  with the ground-truth box in green and each method's predicted box in its own colour.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import tempfile
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from perpo_jax.rewards import iou_rewards, ocr_rewards, parse_box
+
+# ----------------------------------------------------------------------------- grounding
+
+
+def grounding_metrics(texts: Sequence[str], gt_boxes: np.ndarray,
+                      threshold: float = 0.5) -> dict[str, float]:
+    """texts [N], gt_boxes [N, 4] normalised -> {"acc@0.5", "mean_iou", "parse_rate", "count"}.
+
+    `acc@0.5` is the fraction with IoU >= threshold (the key names the threshold used).
+    """
+    if len(texts) == 0:
+        raise ValueError("grounding_metrics needs at least one prediction")
+    iou = iou_rewards(list(texts), np.asarray(gt_boxes, np.float32)).astype(np.float64)
+    parsed = np.array([parse_box(t) is not None for t in texts])
+    return {f"acc@{threshold:g}": float((iou >= threshold).mean()), "mean_iou": float(iou.mean()),
+            "parse_rate": float(parsed.mean()), "count": len(texts)}
+
+
+def predicted_boxes(texts: Sequence[str]) -> np.ndarray:
+    """[N, 4] float32 boxes parsed from texts; rows of NaN where no box could be read."""
+    out = np.full((len(texts), 4), np.nan, np.float32)
+    for i, text in enumerate(texts):
+        box = parse_box(text)
+        if box is not None:
+            out[i] = box
+    return out
+
+
+# ----------------------------------------------------------------------------- OCR
+
+
+def char_precision_recall_f1(pred: str, ref: str) -> tuple[float, float, float]:
+    """Character multiset overlap, whitespace ignored (layout is NED's business).
+
+    overlap = sum_c min(count_pred(c), count_ref(c)); precision = overlap / |pred|,
+    recall = overlap / |ref|; an empty side counts as perfect only if both are empty.
+    """
+    p_chars = collections.Counter(c for c in pred if not c.isspace())
+    r_chars = collections.Counter(c for c in ref if not c.isspace())
+    n_pred, n_ref = sum(p_chars.values()), sum(r_chars.values())
+    if n_pred == 0 or n_ref == 0:
+        same = float(n_pred == n_ref)
+        return same, same, same
+    overlap = sum((p_chars & r_chars).values())
+    precision, recall = overlap / n_pred, overlap / n_ref
+    f1 = 0.0 if overlap == 0 else 2 * precision * recall / (precision + recall)
+    return precision, recall, f1
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> collections.Counter:
+    return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], max_n: int = 4,
+                tokenize: Callable[[str], list[str]] = str.split) -> float:
+    """Corpus BLEU (Papineni et al. 2002), one reference per hypothesis, in [0, 1].
+
+    p_n = (clipped n-gram matches summed over the corpus) / (hypothesis n-grams summed);
+    BP = exp(1 - r/c) when the total hypothesis length c < total reference length r, else 1;
+    BLEU = BP * exp(mean_n log p_n), n = 1..max_n.
+    Smoothing (Lin & Och 2004; Chen & Cherry 2014 "method 2"): for n >= 2,
+    p_n = (matches + 1) / (total + 1), so a short hypothesis with no 4-gram match is not
+    zeroed; unigram precision is unsmoothed, and no unigram match (or c = 0) gives 0.
+    Tokens: whitespace-separated words by default.
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    matches, totals = np.zeros(max_n), np.zeros(max_n)
+    hyp_len = ref_len = 0
+    for hyp, ref in zip(hypotheses, references):
+        h, r = tokenize(hyp), tokenize(ref)
+        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+        for n in range(1, max_n + 1):
+            h_grams = _ngrams(h, n)
+            matches[n - 1] += sum((h_grams & _ngrams(r, n)).values())
+            totals[n - 1] += sum(h_grams.values())
+    if hyp_len == 0 or matches[0] == 0:
+        return 0.0
+    precisions = [matches[0] / totals[0]] + [
+        (matches[n] + 1) / (totals[n] + 1) for n in range(1, max_n)]
+    brevity = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)
+    return float(brevity * math.exp(sum(math.log(p) for p in precisions) / max_n))
+
+
+def ocr_metrics(texts: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """texts [N] vs references [N] -> mean NED, edit similarity, char P/R/F1 (macro means over
+    examples), corpus BLEU-4 and count."""
+    if len(texts) == 0:
+        raise ValueError("ocr_metrics needs at least one prediction")
+    similarity = ocr_rewards(list(texts), list(references)).astype(np.float64)
+    prf = np.array([char_precision_recall_f1(p, r) for p, r in zip(texts, references)])
+    return {"ned": float(1.0 - similarity.mean()), "edit_similarity": float(similarity.mean()),
+            "char_precision": float(prf[:, 0].mean()), "char_recall": float(prf[:, 1].mean()),
+            "char_f1": float(prf[:, 2].mean()), "bleu": corpus_bleu(texts, references),
+            "count": len(texts)}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _plain(value):
+    """numpy scalars/arrays -> JSON types."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temp file next to `path`, then rename it onto `path`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_report(path: str, metrics: Mapping) -> None:
+    """Write `metrics` (nested dicts of numbers/strings, numpy allowed) as indented JSON."""
+    text = json.dumps(_plain(metrics), indent=2, sort_keys=True, allow_nan=True) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
+GT_COLOUR = (0, 200, 0)
+METHOD_COLOURS = ((230, 30, 30), (30, 90, 255), (255, 150, 0), (200, 0, 200), (0, 190, 200))
+
+
+CAPTION_LINES, LINE_HEIGHT = 2, 14
+
+
+def _wrap(caption: str, width: int, draw: ImageDraw.ImageDraw, font) -> str:
+    """Greedy word wrap to `width` pixels, at most CAPTION_LINES lines ("…" if cut)."""
+    lines, current = [], ""
+    for word in caption.split():
+        trial = f"{current} {word}".strip()
+        if current and draw.textlength(trial, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    lines.append(current)
+    if len(lines) > CAPTION_LINES:
+        lines = lines[:CAPTION_LINES]
+        lines[-1] += " …"
+    return "\n".join(lines)
+
+
+def _tile(image, gt_box, preds, caption: str, tile: int, font) -> Image.Image:
+    """One grid cell: the image scaled to tile x tile, boxes drawn, caption below."""
+    img = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB").resize(
+        (tile, tile), Image.NEAREST)
+    cell = Image.new("RGB", (tile, tile + CAPTION_LINES * LINE_HEIGHT + 4), (255, 255, 255))
+    cell.paste(img, (0, 0))
+    draw = ImageDraw.Draw(cell)
+    for box, colour in [(gt_box, GT_COLOUR)] + preds:
+        box = np.asarray(box, np.float64)
+        if not np.isfinite(box).all():
+            continue  # no readable prediction for this image
+        x1, y1, x2, y2 = np.clip(box, 0, 1) * tile
+        draw.rectangle([x1, y1, max(x2 - 1, x1), max(y2 - 1, y1)], outline=colour, width=2)
+    draw.multiline_text((2, tile + 2), _wrap(caption, tile - 4, draw, font), fill=(0, 0, 0),
+                        font=font, spacing=2)
+    return cell
+
+
+def draw_boxes_png(path: str, images: Sequence, gt_boxes: np.ndarray,
+                   pred_boxes_by_method: Mapping[str, np.ndarray], captions: Sequence[str],
+                   tile: int = 192, columns: int = 4) -> None:
+    """Grid PNG: each image with its GT box (green) and every method's box (own colour).
+
+    images: N HWC uint8 arrays/PIL images; gt_boxes [N, 4]; pred_boxes_by_method:
+    name -> [N, 4] normalised (NaN rows = nothing predicted); captions [N].
+    A legend line on top maps colours to "ground truth" and the method names.
+    """
+    if len(pred_boxes_by_method) > len(METHOD_COLOURS):
+        raise ValueError(f"at most {len(METHOD_COLOURS)} methods can be drawn")
+    n = len(images)
+    colours = dict(zip(pred_boxes_by_method, METHOD_COLOURS))
+    font = ImageFont.load_default(size=12)
+    rows, cols = -(-n // columns), min(columns, n)
+    legend_h, cell_h = 20, tile + CAPTION_LINES * LINE_HEIGHT + 4
+    canvas = Image.new("RGB", (cols * tile + (cols - 1) * 4, legend_h + rows * (cell_h + 4)),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = 2
+    for name, colour in [("ground truth", GT_COLOUR)] + list(colours.items()):
+        draw.rectangle([x, 4, x + 10, 14], fill=colour)
+        draw.text((x + 14, 3), name, fill=(0, 0, 0), font=font)
+        x += 24 + int(draw.textlength(name, font=font))
+    for i in range(n):
+        preds = [(np.asarray(boxes)[i], colours[m]) for m, boxes in pred_boxes_by_method.items()]
+        cell = _tile(images[i], gt_boxes[i], preds, captions[i], tile, font)
+        canvas.paste(cell, ((i % columns) * (tile + 4), legend_h + (i // columns) * (cell_h + 4)))
+    _atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
