@@ -1,0 +1,162 @@
+"""`perpo-jax` CLI end to end on a tiny config (in-process `cli.main`)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from perpo_jax import cli
+
+CLI_SCRIPT = os.path.join(os.path.dirname(sys.executable), "perpo-jax")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cfg = {
+        "model": {"tiny": {"hidden_size": 32, "num_layers": 1}},
+        "lora": {"enabled": False},
+        "train": {"seed": 0, "out_dir": str(root / "run")},
+        "data": {"data_dir": str(root / "data"), "num_train": 16, "num_val": 8,
+                 "image_size": 32},
+        "sampling": {"num_samples": 2, "max_new_tokens": 6, "temperature": 1.0},
+        "eval": {"num_examples": 4, "batch_size": 4, "max_new_tokens": 6, "num_images": 2},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["prepare-data", "--config", str(path)]) == 0
+    return root, str(path)
+
+
+def test_help_is_fast_and_lists_commands():
+    probe = ("import sys, perpo_jax.cli; "
+             "print(sorted(m for m in ('jax', 'transformers', 'tensorflow_datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # heavy modules are imported inside the subcommands
+    help_text = subprocess.run([CLI_SCRIPT, "--help"], capture_output=True, text=True, check=True)
+    for command in ("prepare-data", "sample", "eval", "convert", "export", "train", "demo"):
+        assert command in help_text.stdout
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["eval", "--out", "x", "eval.nope=1"], "eval.nope"),
+    (["prepare-data", "data.num_train=many"], "data.num_train"),
+    (["sample", "data.source=imagenet"], "data.source"),
+    (["prepare-data", "--config", "/does/not/exist.yaml"], "config file not found"),
+])
+def test_config_errors_exit_2_naming_the_key(argv, key, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err
+
+
+def test_prepare_data_reports_counts(tiny_config, capsys):
+    root, config = tiny_config
+    assert cli.main(["prepare-data", "--config", config]) == 0  # reuses the prepared data
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["train"], summary["val"]) == (16, 8)
+    assert summary["data_dir"] == str(root / "data") and summary["tokenizer_size"] > 261
+
+
+def test_eval_writes_report_and_png(tiny_config, capsys):
+    root, config = tiny_config
+    out = root / "eval"
+    assert cli.main(["eval", "--config", config, "--out", str(out), "eval.batch_size=3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "grounding" and len(report["predictions"]) == 4
+    assert {"acc@0.5", "mean_iou", "samples_per_s"} <= set(report["metrics"])
+    assert report["metrics"]["count"] == 4 and report["metrics"]["samples_per_s"] > 0
+    assert (out / "boxes.png").stat().st_size > 0
+
+
+def test_sample_writes_rewarded_candidates(tiny_config):
+    from perpo_jax.rewards import iou_rewards
+
+    root, config = tiny_config
+    out = root / "samples.jsonl"
+    assert cli.main(["sample", "--config", config, "--num-prompts", "3", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert len(row["candidates"]) == 2 and len(row["rewards"]) == 2
+        gt = np.array(json.loads(row["answer"]), np.float32)[None].repeat(2, 0)
+        np.testing.assert_allclose(row["rewards"], iou_rewards(row["candidates"], gt), atol=1e-6)
+
+
+def _safetensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_convert_round_trip(tiny_config):
+    from perpo_jax.build import build_mesh, build_model, prepare_data
+    from perpo_jax.config import load_config
+    from perpo_jax.hf import save_pretrained
+
+    root, config = tiny_config
+    cfg = load_config(config, ["train.seed=7"])
+    data = prepare_data(cfg, progress=False)
+    hf_in = save_pretrained(build_model(cfg, build_mesh(cfg), data.processor), str(root / "hf_in"),
+                            source_dir=data.processor_dir)
+    ckpt, hf_out = str(root / "ckpt"), str(root / "hf_out")
+    assert cli.main(["convert", "--config", config, "--from-hf", hf_in, "--out", ckpt]) == 0
+    assert cli.main(["convert", "--to-hf", "--checkpoint", ckpt, "--out", hf_out]) == 0
+    before, after = _safetensors(hf_in), _safetensors(hf_out)
+    assert sorted(before) == sorted(after)
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert os.path.exists(os.path.join(hf_out, "perpo_processor.json"))  # processor travels along
+    # the converted checkpoint also serves `sample`
+    samples = root / "from_ckpt.jsonl"
+    assert cli.main(["sample", "--config", config, "--checkpoint", ckpt, "--num-prompts", "1",
+                     "--out", str(samples)]) == 0
+    assert len(samples.read_text().splitlines()) == 1
+
+
+def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys):
+    import jax
+    import optax
+    from flax import nnx
+
+    from perpo_jax.build import build_mesh, build_model, prepare_data
+    from perpo_jax.checkpoint import Checkpointer
+    from perpo_jax.config import config_to_dict, load_config
+    from perpo_jax.hf import load_pretrained
+    from perpo_jax.train.lora import LoRAParam, apply_lora, merge_lora, trainable_filter
+    from perpo_jax.train.state import init_train_state
+
+    root, config = tiny_config
+    cfg = load_config(config, ["lora.enabled=true", "lora.rank=4", "lora.alpha=8"])
+    data = prepare_data(cfg, progress=False)
+    model = build_model(cfg, build_mesh(cfg), data.processor)
+    apply_lora(model, cfg.lora, nnx.Rngs(3))
+    lora = nnx.state(model, LoRAParam)  # B is zero at init: make the update visible
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    nnx.update(model, jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), lora))
+    params = nnx.state(model, trainable_filter(cfg.lora))
+    ckpt_dir = root / "train_ckpt"
+    with Checkpointer(ckpt_dir, save_every=1, async_save=False,
+                      metadata=config_to_dict(cfg)) as ckpt:
+        ckpt.maybe_save(5, init_train_state(params, optax.sgd(0.1), 0), {"epoch": 0})
+
+    plain = str(root / "hf_plain")
+    assert cli.main(["convert", "--to-hf", "--checkpoint", str(ckpt_dir), "--out", plain]) == 1
+    assert "perpo-jax export" in capsys.readouterr().err and not os.path.exists(plain)
+
+    q_proj = ("language_model", "layers", 0, "self_attn", "q_proj", "kernel")
+    base_q = np.asarray(dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))[q_proj].get_value())
+    hf = str(root / "hf_export")
+    assert cli.main(["export", "--checkpoint", str(ckpt_dir), "--out", hf]) == 0  # config from metadata
+    want = nnx.state(merge_lora(model), nnx.Param)
+    got = nnx.state(load_pretrained(hf), nnx.Param)
+    flat_want, flat_got = dict(nnx.to_flat_state(want)), dict(nnx.to_flat_state(got))
+    assert sorted(flat_want) == sorted(flat_got)
+    for path, var in flat_want.items():
+        np.testing.assert_allclose(np.asarray(flat_got[path].get_value()),
+                                   np.asarray(var.get_value()), rtol=1e-6, atol=1e-6,
+                                   err_msg=str(path))
+    assert not np.allclose(np.asarray(flat_got[q_proj].get_value()), base_q)  # LoRA was merged
