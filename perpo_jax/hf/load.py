@@ -1,0 +1,116 @@
+"""Import a Hugging Face checkpoint (config.json + safetensors) into our NNX models, no torch.
+
+The module is built abstractly (`nnx.eval_shape`: shapes only, no memory), every key and shape
+is validated from the file headers, and only then are tensors read one at a time, converted,
+and placed straight onto their `NamedSharding` (or the default device): the host holds at
+most one tensor at a time, never the model twice, and a bad checkpoint never half-loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from perpo_jax import mesh as mesh_lib
+from perpo_jax.hf.config_map import config_from_hf
+from perpo_jax.hf.errors import CheckpointError
+from perpo_jax.hf.mapping import IGNORED_SUFFIXES, Entry, canonical_key, entries_for, hf_shape, to_ours
+from perpo_jax.hf.safetensors_io import ShardReader, TensorInfo, checkpoint_index
+from perpo_jax.models.config import LlavaConfig, dtype_name
+from perpo_jax.models.llava import build_model
+
+
+def read_config(path: str, dtype=jnp.float32):
+    """config.json of a checkpoint dir -> our TextConfig / LlavaConfig (dtype for params+compute)."""
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot read config: {e}") from e
+    return config_from_hf(raw, dtype_name(dtype), cfg_path)
+
+
+def _match_keys(entries: list[Entry], infos: dict[str, TensorInfo], config, our_shapes, path):
+    """Maps each entry to its checkpoint key; ONE CheckpointError listing every problem."""
+    is_llava = isinstance(config, LlavaConfig)
+    by_canon: dict[str, str] = {}
+    for key in infos:
+        by_canon.setdefault(canonical_key(key, is_llava), key)
+    wanted = {e.key for e in entries}
+    tied = (config.text if is_llava else config).tie_word_embeddings
+    head_key = "language_model.lm_head.weight" if is_llava else "lm_head.weight"
+    problems = []
+    found: dict[Entry, str] = {}
+    for e in entries:
+        raw = by_canon.get(e.key)
+        if raw is None:
+            problems.append(f"missing tensor {e.key}")
+            continue
+        want = hf_shape(e, our_shapes[e.path])
+        if tuple(infos[raw].shape) != want:
+            problems.append(
+                f"tensor {raw} in {infos[raw].file} has shape {list(infos[raw].shape)}, expected {list(want)}"
+            )
+        found[e] = raw
+    for canon, raw in sorted(by_canon.items()):
+        if canon in wanted or canon.endswith(IGNORED_SUFFIXES):
+            continue
+        if tied and canon == head_key:  # redundant copy of the tied embedding
+            continue
+        problems.append(f"unexpected tensor {raw} in {infos[raw].file}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
+        )
+    return found
+
+
+def load_pretrained(path: str, dtype=jnp.float32, mesh=None):
+    """Loads a HF LlavaForConditionalGeneration / LlamaForCausalLM / Qwen2ForCausalLM dir.
+
+    dtype: parameter and compute dtype. mesh: optional `Mesh(data, fsdp, tensor)`; each
+    parameter is placed on the sharding its logical names give (perpo_jax.mesh rules).
+    Raises CheckpointError (a ValueError) naming the tensors/files when anything is off.
+    """
+    config = read_config(path, dtype)
+    infos = checkpoint_index(path)
+    abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    flat = list(nnx.to_flat_state(abs_state))
+    our_shapes = {p: tuple(v.get_value().shape) for p, v in flat}
+    entries = entries_for(config)
+    uncovered = set(our_shapes) - {e.path for e in entries}
+    if uncovered:  # a bug in the mapping table, not in the user's checkpoint
+        raise RuntimeError(f"mapping table misses model parameters {sorted(map(str, uncovered))}")
+    found = _match_keys(entries, infos, config, our_shapes, path)
+    values = {}
+    var_by_path = dict(flat)
+    # file order: each shard is opened once
+    with ShardReader(path) as reader:
+        for e in sorted(entries, key=lambda e: (infos[found[e]].file, found[e])):
+            raw = found[e]
+            shape = our_shapes[e.path]
+            array = to_ours(e, reader.read(raw, infos[raw]), shape).astype(jnp.dtype(dtype), copy=False)
+            values[e.path] = _place(array, var_by_path[e.path], mesh)
+            del array
+    new_flat = [(p, v.replace(values[p])) for p, v in flat]
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def _place(array: np.ndarray, variable, mesh):
+    """Puts one host array on its device(s): its NamedSharding on `mesh`, else the default device."""
+    if mesh is None:
+        return jax.device_put(array)
+    axes = mesh_lib.variable_axes(variable)
+    if axes is None or len(axes) != array.ndim:
+        sharding = mesh_lib.logical_sharding([None] * array.ndim, array.shape, mesh)
+    else:
+        sharding = mesh_lib.logical_sharding(axes, array.shape, mesh)
+    return jax.device_put(array, sharding)

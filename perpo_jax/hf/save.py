@@ -1,0 +1,119 @@
+"""Export our models as transformers-loadable checkpoints (config.json + safetensors).
+
+Everything is written into a temp dir next to `out_dir` and renamed into place at the end,
+so a failed export never leaves a half-written checkpoint. Parameters are fetched to the host
+one tensor at a time, shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from flax import nnx
+
+from perpo_jax.hf.config_map import config_to_hf
+from perpo_jax.hf.errors import CheckpointError
+from perpo_jax.hf.mapping import entries_for, hf_shape, to_hf
+from perpo_jax.hf.safetensors_io import (
+    INDEX_FILE,
+    nbytes,
+    parse_size,
+    plan_shards,
+    shard_names,
+    write_index,
+    write_shard,
+)
+from perpo_jax.models.layers import Linear
+
+# Files of a source checkpoint that are NOT copied (weights and the config we rewrite).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".index.json")
+
+
+def _check_no_lora(model):
+    """A Linear with an attached, unmerged adapter cannot be exported faithfully."""
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Linear) and module.lora is not None:
+            if not getattr(module.lora, "merged", False):
+                name = ".".join(str(p) for p in path)
+                raise CheckpointError(
+                    f"Linear {name} still has an unmerged LoRA adapter attached; merge it into "
+                    "the base kernel (and detach it or mark it merged) before save_pretrained"
+                )
+
+
+def _copy_side_files(source_dir: str, dest: str):
+    """Tokenizer / processor / generation files from `source_dir` (not weights, not config)."""
+    for name in sorted(os.listdir(source_dir)):
+        src = os.path.join(source_dir, name)
+        if not os.path.isfile(src) or name == "config.json" or name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        shutil.copy2(src, os.path.join(dest, name))
+
+
+def _replace_dir(tmp: str, out_dir: str):
+    """Moves the finished `tmp` dir to `out_dir` (an existing out_dir is replaced)."""
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out_dir))
+        os.rmdir(old)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", source_dir: str | None = None):
+    """Writes `model` (DecoderLM or LlavaModel) to `out_dir` in transformers-5 format.
+
+    Writes config.json (with `architectures`), model.safetensors or shards of at most
+    `max_shard_size` (bytes or "5GB"/"200MB") plus model.safetensors.index.json, and copies
+    tokenizer/processor files from `source_dir` when given. LoRA parameters are never
+    written; a Linear with an unmerged adapter raises CheckpointError.
+    """
+    _check_no_lora(model)
+    config = model.config
+    hf_config = config_to_hf(config)
+    entries = entries_for(config)
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    missing = [e.path for e in entries if e.path not in state]
+    if missing:
+        raise CheckpointError(f"model has no parameter(s) {missing[:5]} required by its config")
+    by_key = {e.key: e for e in entries}
+    sizes = []
+    for e in entries:
+        value = state[e.path].get_value()
+        sizes.append((e.key, nbytes(hf_shape(e, tuple(value.shape)), value.dtype)))
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    names = shard_names(len(shards))
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        weight_map = {}
+        for name, keys in zip(names, shards):
+            tensors = {}
+            for key in keys:
+                e = by_key[key]
+                host = np.asarray(jax.device_get(state[e.path].get_value()))
+                tensors[key] = to_hf(e, host)
+                weight_map[key] = name
+            write_shard(os.path.join(tmp, name), tensors)
+            del tensors
+        if len(names) > 1:
+            write_index(os.path.join(tmp, INDEX_FILE), weight_map, sum(n for _, n in sizes))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        if source_dir is not None:
+            _copy_side_files(source_dir, tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,271 @@
+"""Decoder-only LM (Llama / Qwen2 family) with the prefill/extend KV interface.
+
+Shape letters: B batch, G groups per row (candidates or samples), T tokens of this call,
+P prefix (prompt) slots, S cache slots, D hidden, N query heads, K kv heads, R = N // K query
+heads per kv head, H head dim, F mlp width, V vocab.
+
+There is ONE attention core (`grouped_attention`): queries [B, G, T, N, H] attend to a shared
+prefix segment [B, P, K, H] (broadcast over G by the einsum, never copied) and to an own segment
+[B, G, S, K, H] (this call's tokens, or a per-group cache). A plain forward/prefill is the case
+G = 1 without prefix.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from perpo_jax.models.config import TextConfig, as_jnp_dtype
+from perpo_jax.models.layers import (
+    Embedding,
+    Linear,
+    RMSNorm,
+    activation,
+    apply_rope,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+# Masked-out scores: large finite negative (not -inf) so fully masked rows stay finite.
+MASK_VALUE = -1e30
+
+
+@struct.dataclass
+class PrefixKV:
+    """K/V of a prefilled prompt, shared by every group of a row.
+
+    k, v: tuple over layers of [B, P, K, H] (keys RoPE-rotated); mask: [B, P] bool.
+    """
+
+    k: tuple
+    v: tuple
+    mask: jax.Array
+
+
+@struct.dataclass
+class GroupCache:
+    """Per-group decode cache. k, v: tuple over layers of [B, G, S, K, H]; mask [B, G, S] bool."""
+
+    k: tuple
+    v: tuple
+    mask: jax.Array
+
+
+def grouped_attention(q_bgtnh, k_bgskh, v_bgskh, own_mask_bgts, prefix=None):
+    """Softmax attention over [prefix segment ; own segment], float32 softmax.
+
+    q_bgtnh: [B, G, T, N, H]; k/v_bgskh: [B, G, S, K, H]; own_mask_bgts: [B|1, G|1, T, S] bool.
+    prefix: None or (k_bpkh [B, P, K, H], v_bpkh, mask_bp [B, P] bool) shared by all G groups.
+    Returns [B, G, T, N, H] in q's dtype.
+    """
+    b, g, t, n, h = q_bgtnh.shape
+    kv_heads = k_bgskh.shape[-2]
+    q = q_bgtnh.reshape(b, g, t, kv_heads, n // kv_heads, h)
+    scale = h**-0.5
+    f32 = jnp.float32
+    s_own = jnp.einsum("bgtkrh,bgskh->bgtkrs", q, k_bgskh, preferred_element_type=f32) * scale
+    s_own = jnp.where(own_mask_bgts[:, :, :, None, None, :], s_own, MASK_VALUE)
+    if prefix is None:
+        probs = jax.nn.softmax(s_own, axis=-1).astype(v_bgskh.dtype)
+        out = jnp.einsum("bgtkrs,bgskh->bgtkrh", probs, v_bgskh)
+        return out.reshape(b, g, t, n, h).astype(q_bgtnh.dtype)
+    k_bpkh, v_bpkh, mask_bp = prefix
+    s_pre = jnp.einsum("bgtkrh,bpkh->bgtkrp", q, k_bpkh, preferred_element_type=f32) * scale
+    s_pre = jnp.where(mask_bp[:, None, None, None, None, :], s_pre, MASK_VALUE)
+    p_len = s_pre.shape[-1]
+    probs = jax.nn.softmax(jnp.concatenate([s_pre, s_own], axis=-1), axis=-1)
+    p_pre = probs[..., :p_len].astype(v_bpkh.dtype)
+    p_own = probs[..., p_len:].astype(v_bgskh.dtype)
+    out = jnp.einsum("bgtkrp,bpkh->bgtkrh", p_pre, v_bpkh) + jnp.einsum(
+        "bgtkrs,bgskh->bgtkrh", p_own, v_bgskh
+    )
+    return out.reshape(b, g, t, n, h).astype(q_bgtnh.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; q [D, N, H], k/v [D, K, H], o [N, H, D]."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
+        dt, pdt = as_jnp_dtype(cfg.dtype), as_jnp_dtype(cfg.param_dtype)
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.q_proj = Linear(d, (n, h), kernel_axes=("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = Linear(d, (k, h), kernel_axes=("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = Linear(d, (k, h), kernel_axes=("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = Linear((n, h), d, kernel_axes=("heads", "head_dim", "embed"), use_bias=cfg.o_bias, **kw)
+
+    def __call__(self, x_bgtd, cos, sin, own_mask, prefix, cache_kv, cache_index):
+        """x [B, G, T, D]; cos/sin [B, G, T, H]; prefix (k, v, mask) or None;
+        cache_kv (k, v) [B, G, S, K, H] or None. Returns (out [B, G, T, D], (k, v) of the own
+        segment: this call's [B, G, T, K, H], or the updated cache)."""
+        q = apply_rope(self.q_proj(x_bgtd), cos, sin)
+        k = apply_rope(self.k_proj(x_bgtd), cos, sin)
+        v = self.v_proj(x_bgtd)
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            start = (0, 0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+        out = grouped_attention(q, k, v, own_mask, prefix)
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)); gate/up [D, F] ("embed","mlp"), down [F, D]."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
+        kw = dict(
+            use_bias=cfg.mlp_bias,
+            dtype=as_jnp_dtype(cfg.dtype),
+            param_dtype=as_jnp_dtype(cfg.param_dtype),
+            rngs=rngs,
+        )
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, kernel_axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, f, kernel_axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(f, d, kernel_axes=("mlp", "embed"), **kw)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
+        pdt = as_jnp_dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, own_mask, prefix, cache_kv, cache_index):
+        attn_out, kv = self.self_attn(
+            self.input_layernorm(x), cos, sin, own_mask, prefix, cache_kv, cache_index
+        )
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+def _run_block(block, *args):
+    return block(*args)
+
+
+class DecoderLM(nnx.Module):
+    """Llama / Qwen2 causal LM. See docs/internals.md for the interface contract."""
+
+    def __init__(self, config: TextConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dt, pdt = as_jnp_dtype(config.dtype), as_jnp_dtype(config.param_dtype)
+        self.embed_tokens = Embedding(
+            config.vocab_size, config.hidden_size, dtype=dt, param_dtype=pdt, rngs=rngs
+        )
+        self.layers = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(
+                config.hidden_size,
+                config.vocab_size,
+                kernel_axes=("embed", "vocab"),
+                dtype=dt,
+                param_dtype=pdt,
+                rngs=rngs,
+            )
+
+    # ------------------------------------------------------------------ public interface
+
+    def embed(self, input_ids_bt, pixel_values=None):
+        """input_ids [B, T] int -> embeddings [B, T, D] (compute dtype)."""
+        if pixel_values is not None:
+            raise ValueError("DecoderLM is text-only: pixel_values must be None")
+        return self.embed_tokens(input_ids_bt)
+
+    def logits(self, hidden):
+        """Final-normed hidden [..., D] (as prefill/extend return) -> logits [..., V] float32."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, positions=None):
+        """Plain forward: input_ids [B, T] -> logits [B, T, V] float32 (positions default arange(T))."""
+        hidden, _ = self.prefill(self.embed(input_ids, pixel_values), attention_mask, positions)
+        return self.logits(hidden)
+
+    def prefill(self, embeds_btd, attention_mask_bt=None, positions_bt=None):
+        """Causal, padding-aware pass over a prompt.
+
+        embeds [B, T, D]; attention_mask [B, T] 0/1 (None: all valid); positions [B, T]
+        (None: arange(T)). Returns (hidden [B, T, D] after the final norm, PrefixKV with
+        k/v [B, T, K, H] per layer and mask [B, T]).
+        """
+        b, t, _ = embeds_btd.shape
+        mask_bt = (
+            jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
+        )
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        causal_tt = jnp.tril(jnp.ones((t, t), bool))
+        own_mask = mask_bt[:, None, None, :] & causal_tt[None, None]
+        x, kvs = self._blocks(embeds_btd[:, None], positions_bt[:, None], own_mask, None, None, None)
+        prefix = PrefixKV(
+            k=tuple(k[:, 0] for k, _ in kvs), v=tuple(v[:, 0] for _, v in kvs), mask=mask_bt
+        )
+        return x[:, 0], prefix
+
+    def extend(self, embeds_bgtd, positions_bgt, mask_bgt, prefix=None, cache=None, cache_index=None):
+        """Runs G groups of T tokens per row after an optional shared prefix.
+
+        embeds [B, G, T, D]; positions [B, G, T] (explicit, e.g. continuing from the prompt
+        length); mask [B, G, T] marks real tokens. Each token attends to every valid prefix
+        slot and to its own group's causal past: this call's tokens (cache=None) or the
+        filled cache slots <= cache_index + t after this call's K/V are written at
+        [cache_index, cache_index + T) (the caller keeps cache_index + T <= S).
+        Returns (hidden [B, G, T, D] after the final norm, updated GroupCache or None).
+        """
+        t = embeds_bgtd.shape[2]
+        mask_bgt = mask_bgt.astype(bool)
+        if cache is None:
+            causal_tt = jnp.tril(jnp.ones((t, t), bool))
+            own_mask = mask_bgt[:, :, None, :] & causal_tt[None, None]
+            new_mask = None
+        else:
+            if cache_index is None:
+                raise ValueError("extend(cache=...) needs cache_index")
+            new_mask = jax.lax.dynamic_update_slice(cache.mask, mask_bgt, (0, 0, cache_index))
+            s = cache.mask.shape[-1]
+            slot_ok_ts = jnp.arange(s)[None, :] <= cache_index + jnp.arange(t)[:, None]
+            own_mask = new_mask[:, :, None, :] & slot_ok_ts[None, None]
+        x, kvs = self._blocks(embeds_bgtd, positions_bgt, own_mask, prefix, cache, cache_index)
+        if cache is None:
+            return x, None
+        return x, GroupCache(k=tuple(k for k, _ in kvs), v=tuple(v for _, v in kvs), mask=new_mask)
+
+    def init_cache(self, batch: int, groups: int, max_len: int) -> GroupCache:
+        """Empty cache: k/v zeros [B, G, S, K, H] per layer (compute dtype), mask all False."""
+        cfg = self.config
+        shape = (batch, groups, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dt = as_jnp_dtype(cfg.dtype)
+        zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        return GroupCache(k=zeros, v=zeros, mask=jnp.zeros((batch, groups, max_len), bool))
+
+    # ------------------------------------------------------------------ internals
+
+    def _blocks(self, x_bgtd, positions_bgt, own_mask, prefix, cache, cache_index):
+        """Runs every block; returns (final-normed x, list of per-layer own-segment (k, v))."""
+        cfg = self.config
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = rope_cos_sin(positions_bgt, inv_freq, as_jnp_dtype(cfg.dtype))
+        x = x_bgtd.astype(as_jnp_dtype(cfg.dtype))
+        run = nnx.remat(_run_block) if cfg.remat else _run_block
+        kvs = []
+        for i, block in enumerate(self.layers):
+            layer_prefix = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.mask)
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = run(block, x, cos, sin, own_mask, layer_prefix, layer_cache, cache_index)
+            kvs.append(kv)
+        return self.norm(x), kvs
