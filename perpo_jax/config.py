@@ -132,6 +132,16 @@ class EvalConfig:
 
 
 @dataclass
+class DemoConfig:
+    """`perpo-jax demo`: the SFT warm-up before the methods are compared."""
+
+    sft_rounds: int = 6  # rounds of ground-truth SFT from random init
+    sft_lr: float = 1e-3
+    sft_steps: int = 0  # updates per SFT round; 0 = one pass over the round's prompts
+    methods: list[str] = field(default_factory=lambda: ["perpo", "dpo", "lipo", "sft"])
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -143,6 +153,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 _CHOICES = {
@@ -263,6 +274,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"sampling.top_p: must be in (0, 1], got {cfg.sampling.top_p}")
     if len(cfg.mesh.shape) != 3:
         raise ConfigError(f"mesh.shape: needs 3 entries (data, fsdp, tensor), got {cfg.mesh.shape}")
+    bad = [m for m in cfg.demo.methods if m not in _CHOICES["loss.name"]]
+    if bad:
+        raise ConfigError(f"demo.methods: {bad} not among {', '.join(_CHOICES['loss.name'])}")
     if cfg.data.source in ("refcoco_style", "official_json") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r}")
     return cfg

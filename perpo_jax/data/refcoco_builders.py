@@ -115,10 +115,11 @@ class PerpoLists(LocalBuilder):
         return {"train": self._generate_examples(records)}
 
     def _generate_examples(self, records):
-        for r in records:
-            yield r.line, {"image": _image_bytes(r.image_path), "image_path": r.image_path,
-                           "question": r.question, "answer": r.answer,
-                           "candidates": list(r.candidates), "scores": r.scores}
+        # Keyed by entry index, not line: a JSON array written on one line has one line.
+        for index, r in enumerate(records):
+            yield index, {"image": _image_bytes(r.image_path), "image_path": r.image_path,
+                          "question": r.question, "answer": r.answer,
+                          "candidates": list(r.candidates), "scores": r.scores}
 
 
 def _build(cls, data_dir: str, name: str, annotations: str, image_root: str, skip_invalid: bool):
