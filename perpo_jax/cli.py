@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from perpo_jax.config import ConfigError, config_from_dict, load_config
@@ -198,9 +199,18 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
+    cfg = _load(args)
+    if os.environ.get("PERPO_JAX_DISTRIBUTED") == "1":
+        # Multi-host (launch/tpu_run.sh): every host runs this same command; the slice is
+        # discovered by JAX itself. Must happen before any other jax call.
+        import jax
+
+        jax.distributed.initialize()
     from perpo_jax.train.loop import train
 
-    train(_load(args))
+    result = train(cfg)
+    print(f"trained {result.steps} steps -> {result.out_dir}"
+          + (" (stopped early, checkpoint saved)" if result.preempted else ""))
     return 0
 
 
