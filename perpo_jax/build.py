@@ -487,32 +487,21 @@ def save_params_checkpoint(model, out_dir: str, *, source_dir: str | None = None
     """Every `nnx.Param` of `model` (orbax, `params/`) + its HF `config.json` + the
     tokenizer/processor files of `source_dir`, written to a temp dir renamed to `out_dir`."""
     import json
-    import shutil
-    import tempfile
 
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from perpo_jax.atomic import atomic_dir
     from perpo_jax.hf.config_map import config_to_hf
+    from perpo_jax.hf.save import copy_side_files
 
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
-    try:
+    with atomic_dir(out_dir) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, PARAMS_ITEM), {"params": nnx.state(model, nnx.Param)})
             checkpointer.wait_until_finished()
-        for name in sorted(os.listdir(source_dir)) if source_dir else ():
-            src = os.path.join(source_dir, name)
-            if os.path.isfile(src) and name != "config.json" and not name.endswith(_WEIGHT_SUFFIXES) \
-                    and not name.endswith(".index.json"):
-                shutil.copy2(src, os.path.join(tmp, name))
+        if source_dir:
+            copy_side_files(source_dir, tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_to_hf(model.config), f, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -17,12 +17,12 @@ import collections
 import json
 import math
 import os
-import tempfile
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from perpo_jax.atomic import atomic_file
 from perpo_jax.rewards import iou_rewards, ocr_rewards, parse_box
 
 # ----------------------------------------------------------------------------- grounding
@@ -139,17 +139,8 @@ def _plain(value):
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temp file next to `path`, then rename it onto `path`."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_report(path: str, metrics: Mapping) -> None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from perpo_jax.atomic import atomic_dir
 
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's "
@@ -107,10 +107,7 @@ class LlavaPromptProcessor:
 
     def save_pretrained(self, out_dir: str) -> None:
         """Tokenizer, image processor and our settings in one directory (atomic)."""
-        out_dir = os.path.abspath(out_dir)
-        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".processor-", dir=os.path.dirname(out_dir))
-        try:
+        with atomic_dir(out_dir) as tmp:
             self.tokenizer.save_pretrained(tmp)
             self.image_processor.save_pretrained(tmp)
             with open(os.path.join(tmp, _CONFIG_NAME), "w") as f:
@@ -118,12 +115,6 @@ class LlavaPromptProcessor:
                            "vision_feature_select_strategy": self.vision_feature_select_strategy,
                            "num_additional_image_tokens": self.num_additional_image_tokens,
                            "image_token": self.image_token}, f, indent=2)
-            if os.path.exists(out_dir):
-                shutil.rmtree(out_dir)
-            os.rename(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def from_pretrained(cls, path: str) -> "LlavaPromptProcessor":

@@ -14,13 +14,12 @@ The directory written by `train_tokenizer` loads with `AutoTokenizer.from_pretra
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from perpo_jax.atomic import atomic_dir
 from perpo_jax.data.processor import llava_v1_prompt
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>", "<image>")
@@ -71,15 +70,5 @@ def tokenizer_corpus(questions: Iterable[str], answers: Iterable[str]) -> Iterat
 
 def _save_atomically(fast: PreTrainedTokenizerFast, out_dir: str) -> None:
     """save_pretrained into a sibling temp dir, then rename over `out_dir`."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         fast.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import numpy as np
 from flax import nnx
 
+from perpo_jax.atomic import atomic_dir
 from perpo_jax.hf.config_map import config_to_hf
 from perpo_jax.hf.errors import CheckpointError
 from perpo_jax.hf.mapping import entries_for, hf_shape, to_hf
@@ -46,25 +46,14 @@ def _check_no_lora(model):
                 )
 
 
-def _copy_side_files(source_dir: str, dest: str):
+def copy_side_files(source_dir: str, dest: str):
     """Tokenizer / processor / generation files from `source_dir` (not weights, not config)."""
     for name in sorted(os.listdir(source_dir)):
         src = os.path.join(source_dir, name)
-        if not os.path.isfile(src) or name == "config.json" or name.endswith(_WEIGHT_SUFFIXES):
+        if (not os.path.isfile(src) or name == "config.json" or name.endswith(_WEIGHT_SUFFIXES)
+                or name == INDEX_FILE):
             continue
         shutil.copy2(src, os.path.join(dest, name))
-
-
-def _replace_dir(tmp: str, out_dir: str):
-    """Moves the finished `tmp` dir to `out_dir` (an existing out_dir is replaced)."""
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out_dir))
-        os.rmdir(old)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", source_dir: str | None = None):
@@ -92,10 +81,7 @@ def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", s
     names = shard_names(len(shards))
 
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         weight_map = {}
         for name, keys in zip(names, shards):
             tensors = {}
@@ -111,9 +97,5 @@ def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", s
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
         if source_dir is not None:
-            _copy_side_files(source_dir, tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            copy_side_files(source_dir, tmp)
     return out_dir

@@ -16,12 +16,11 @@ so a run resumed mid-round trains on exactly the same lists.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
+from perpo_jax.atomic import atomic_file
 from perpo_jax.data.batching import pad_prompts, pad_responses
 from perpo_jax.rewards import build_lists
 
@@ -52,19 +51,9 @@ class ListSet:
 
     def save(self, path: str) -> None:
         """Atomic: written to a temp file in the same folder, then renamed."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".listset-", suffix=".npz", dir=folder)
-        os.close(fd)
-        try:
-            stats = {f"stat__{k}": np.asarray(v) for k, v in self.stats.items()}
-            with open(tmp, "wb") as f:
-                np.savez(f, **self.arrays, **stats)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        stats = {f"stat__{k}": np.asarray(v) for k, v in self.stats.items()}
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **self.arrays, **stats)
 
     @classmethod
     def load(cls, path: str) -> "ListSet":

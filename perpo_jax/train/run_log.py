@@ -10,6 +10,8 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
+from perpo_jax.atomic import atomic_file
+
 CURVES = ("loss", "pair_accuracy", "mean_reward")
 
 
@@ -81,7 +83,6 @@ def plot_curves(rows: Sequence[Mapping], path: str, names: Sequence[str] = CURVE
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
