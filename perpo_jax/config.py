@@ -70,9 +70,9 @@ class OptimConfig:
 class TrainConfig:
     mode: str = "online"  # online (sample → reward → train rounds) | offline (pre-sampled lists)
     rounds: int = 1  # online rounds
-    steps: int = 0  # update steps per round; 0 = one epoch over the round's lists
-    epochs: int = 1
-    lists_per_step: int = 2
+    steps: int = 0  # updates per round; 0 = ceil(prompts_per_round / lists_per_step) (× epochs online)
+    epochs: int = 1  # online: passes over each round's lists; offline: passes over the data
+    lists_per_step: int = 2  # real lists per update (padded with empty lists to shard evenly)
     num_candidates: int = 20  # K, list size after filtering/padding
     max_length: int = 2048  # prompt (image tokens included) + response
     max_response_length: int = 64

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -82,6 +83,9 @@ def main(argv=None) -> dict:
     from perpo_jax.train.loop import train
 
     t_start = time.perf_counter()
+    for run_dir in ["sft_warmup", *methods, "perpo_hf"]:
+        # The demo owns these folders and always starts fresh (the dataset is reused).
+        shutil.rmtree(os.path.join(out, run_dir), ignore_errors=True)
     mesh = build.build_mesh(cfg)
     data = build.prepare_data(cfg)
     print(f"[demo] data: {len(data.train)} train / {len(data.val)} val in {data.data_dir}; "

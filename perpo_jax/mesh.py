@@ -1,7 +1,7 @@
 """Device mesh and the ONE table mapping logical axis names to mesh axes.
 
 Every parameter in `perpo_jax.models` is created with logical axis names
-(`nnx.Param(..., sharding_names=("embed", "mlp"), eager_sharding=False)`); this module
+(`nnx.Param(..., out_sharding=("embed", "mlp"), eager_sharding=False)`); this module
 turns those names into `NamedSharding`s for a concrete mesh with axes
 (`data`, `fsdp`, `tensor`). A dimension whose size does not divide the mesh axes it maps
 to (e.g. 9 query heads on tensor=2) is replicated instead of failing, as real

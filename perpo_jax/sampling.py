@@ -66,6 +66,15 @@ class SamplerSpec:
     pad_id: int
     mesh: Mesh | None
     has_pixels: bool
+    suppress_ids: tuple[int, ...] = ()
+
+
+def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
+    """Tokens that must never be generated (e.g. the `<image>` placeholder: a sampled one
+    would be taken for an image slot when the candidate is scored) get -inf logits."""
+    if not ids:
+        return logits
+    return logits.at[..., jnp.asarray(ids, jnp.int32)].set(-jnp.inf)
 
 
 def sample_keys(rng: jax.Array, batch: int, num_samples: int) -> jax.Array:
@@ -168,7 +177,8 @@ def _prefill_first_token(model, spec, prompt_ids, prompt_mask, pixel_values, key
     last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     logits = model.logits(last)[:, None, :]  # [B, 1, V]
     logits = jnp.broadcast_to(logits, (b, spec.num_samples, logits.shape[-1]))
-    first = draw_tokens(logits, keys, jnp.int32(0), temperature, top_p, spec.greedy)
+    first = draw_tokens(suppress(logits, spec.suppress_ids), keys, jnp.int32(0), temperature,
+                        top_p, spec.greedy)
     return prefix, prompt_len, first
 
 
@@ -199,7 +209,8 @@ def _generate(graphdef, spec: SamplerSpec, state, prompt_ids, prompt_mask, pixel
         )
         cache = _constrain_kv(cache, _CACHE_AXES, _CACHE_MASK_AXES, spec.mesh)
         logits = model.logits(hidden[:, :, 0])  # [B, K, V]
-        nxt = draw_tokens(logits, keys, step + 1, temperature, top_p, spec.greedy)
+        nxt = draw_tokens(suppress(logits, spec.suppress_ids), keys, step + 1, temperature, top_p,
+                          spec.greedy)
         nxt = jnp.where(active, nxt, spec.pad_id)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, :, None], (0, 0, step + 1))
         done = done | (active & _is_eos(nxt, spec.eos_ids))
@@ -250,6 +261,7 @@ def sample(
     eos_id: int | Sequence[int] | None,
     pad_id: int = 0,
     mesh: Mesh | None = None,
+    suppress_ids: Sequence[int] = (),
 ) -> SampleResult:
     """Samples `num_samples` responses per prompt with a shared-prefill KV cache.
 
@@ -266,6 +278,8 @@ def sample(
         docstring for the stream definition). May be None only for greedy decoding.
       eos_id: id or ids that end a sample; None never stops early.
       pad_id: written after EOS.
+      suppress_ids: token ids never generated (their logits are set to -inf), e.g. the
+        image token.
       mesh: when given, batch arrays are placed with the batch dim over (data, fsdp) (as
         `perpo_jax.mesh.batch_sharding`; replicated if B does not divide) and the KV caches
         are constrained likewise; parameters must already be placed by the caller.
@@ -285,7 +299,7 @@ def sample(
     eos_ids = () if eos_id is None else tuple(int(e) for e in np.atleast_1d(eos_id))
     pixel_values = prompts_batch.get("pixel_values")
     spec = SamplerSpec(num_samples, max_new_tokens, greedy, eos_ids, int(pad_id), mesh,
-                        pixel_values is not None)
+                       pixel_values is not None, tuple(int(i) for i in suppress_ids))
     batch = (prompts_batch["prompt_ids"], prompts_batch["prompt_mask"], pixel_values)
     prompt_ids, prompt_mask, pixel_values = _place_batch(batch, mesh)
     keys = _stream_keys(rng, prompt_ids.shape[0], num_samples)

@@ -129,11 +129,11 @@ class TinyModel(nnx.Module):
 
     def __init__(self, rngs: nnx.Rngs):
         init = nnx.initializers.normal(1.0)
-        self.up = nnx.Param(init(rngs.params(), (8, 16)), sharding_names=("embed", "mlp"),
+        self.up = nnx.Param(init(rngs.params(), (8, 16)), out_sharding=("embed", "mlp"),
                             eager_sharding=False)
-        self.down = nnx.Param(init(rngs.params(), (16, 8)), sharding_names=("mlp", "embed"),
+        self.down = nnx.Param(init(rngs.params(), (16, 8)), out_sharding=("mlp", "embed"),
                               eager_sharding=False)
-        self.norm = nnx.Param(jnp.ones((8,)), sharding_names=("norm",), eager_sharding=False)
+        self.norm = nnx.Param(jnp.ones((8,)), out_sharding=("norm",), eager_sharding=False)
 
 
 def make_train_state():

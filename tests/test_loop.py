@@ -85,6 +85,19 @@ def test_resume_mid_round_continues_exactly(shared, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_resuming_a_different_run_or_restarting_over_one_is_refused(shared, tmp_path):
+    from perpo_jax.config import ConfigError
+
+    _, data = shared
+    common = ("data.task=test_digits", f"data.data_dir={data.data_dir}", "train.rounds=1",
+              "train.steps=1")
+    train(tiny_cfg(tmp_path, *common), data=data, progress=False)
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        train(tiny_cfg(tmp_path, *common, "optim.lr=5e-4"), data=data, progress=False)
+    with pytest.raises(ConfigError, match=r"checkpoint\.resume=false"):
+        train(tiny_cfg(tmp_path, *common, "checkpoint.resume=false"), data=data, progress=False)
+
+
 def test_offline_official_json_lists(tmp_path):
     from PIL import Image
 

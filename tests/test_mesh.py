@@ -33,7 +33,7 @@ def test_rules_and_fallback():
 def test_state_shardings_place_params():
     class Tiny(nnx.Module):
         def __init__(self):
-            self.w = nnx.Param(jnp.ones((8, 6)), sharding_names=("embed", "mlp"), eager_sharding=False)
+            self.w = nnx.Param(jnp.ones((8, 6)), out_sharding=("embed", "mlp"), eager_sharding=False)
             self.counter = nnx.BatchStat(jnp.zeros(()))
 
     mesh = make_mesh((2, 2, 2))

@@ -147,6 +147,14 @@ def test_all_samples_done_at_first_token(model, prompts):
     np.testing.assert_array_equal(res.tokens[:, :, 0], free.tokens[:, :1, 0].repeat(3, 1))
 
 
+def test_suppressed_ids_are_never_generated(model, prompts):
+    free = run(model, prompts, temperature=0.0, rng=None, eos_id=None)
+    banned = sorted({int(t) for t in free.tokens[:, 0, :2].ravel()})  # tokens greedy does pick
+    for kw in ({"temperature": 0.0, "rng": None}, {"temperature": 1.0, "rng": jax.random.key(3)}):
+        res = run(model, prompts, num_samples=3, eos_id=None, suppress_ids=banned, **kw)
+        assert not np.isin(np.asarray(res.tokens), banned).any()
+
+
 def test_k_shared_prefill_samples_equal_independent_runs(model, prompts):
     rng, k = jax.random.key(7), 4
     res = run(model, prompts, num_samples=k, temperature=1.0, top_p=0.9, rng=rng)

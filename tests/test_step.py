@@ -179,6 +179,22 @@ def test_non_finite_loss_skips_the_update():
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(state.params)))
 
 
+def test_batch_without_valid_list_leaves_weights_and_adam_state_unchanged():
+    # A zero gradient is not a no-op for AdamW (momentum): such a batch must not update.
+    mesh = make_mesh((2, 2, 2))
+    step, state, frozen, reference, _, cfg = setup(mesh)
+    batch = make_batch(cfg, with_image=True, b=4, seed=5)
+    state, _ = step(state, frozen, reference, batch)  # a real update first: momentum is live
+    params_before, opt_before = host(state.params), host(state.opt_state)
+    empty = dict(batch, list_mask=jnp.zeros_like(jnp.asarray(batch["list_mask"])))
+    state, metrics = step(state, frozen, reference, empty)
+    assert float(metrics["num_valid_lists"]) == 0 and int(metrics["applied"]) == 0
+    for x, y in zip(jax.tree.leaves(host(state.params)), jax.tree.leaves(params_before)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(host(state.opt_state)), jax.tree.leaves(opt_before)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_full_finetune_reference_is_a_frozen_copy():
     mesh = make_mesh((2, 2, 2))
     step, state, frozen, reference, parts, cfg = setup(mesh, lora=LoraConfig(enabled=False))

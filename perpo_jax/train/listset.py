@@ -49,6 +49,28 @@ class ListSet:
             out[name] = rows
         return out
 
+    def with_prompt_length(self, length: int, pad_id: int) -> "ListSet":
+        """Right-pads prompt_ids/prompt_mask to `length` (hosts must agree on shapes)."""
+        if not self.arrays or self.arrays["prompt_ids"].shape[1] == length:
+            return self
+        extra = length - self.arrays["prompt_ids"].shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot shrink prompts of {length + extra} tokens to {length}")
+        arrays = dict(self.arrays)
+        arrays["prompt_ids"] = np.pad(arrays["prompt_ids"], ((0, 0), (0, extra)), constant_values=pad_id)
+        arrays["prompt_mask"] = np.pad(arrays["prompt_mask"], ((0, 0), (0, extra)))
+        return ListSet(arrays, self.stats)
+
+    @classmethod
+    def empty(cls, shapes: dict[str, tuple[tuple[int, ...], str]], stats: dict) -> "ListSet":
+        """Zero lists with the given per-row shapes/dtypes ({name: (row_shape, dtype)}): what a
+        host that kept no list this round feeds into steps the other hosts do run."""
+        arrays = {k: np.zeros((0,) + tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in shapes.items()}
+        return cls(arrays, stats)
+
+    def row_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: (v.shape[1:], v.dtype.str) for k, v in self.arrays.items()}
+
     def save(self, path: str) -> None:
         """Atomic: written to a temp file in the same folder, then renamed."""
         stats = {f"stat__{k}": np.asarray(v) for k, v in self.stats.items()}

@@ -58,10 +58,10 @@ class LoRA(nnx.Module):
         a = jax.random.uniform(
             rngs.params(), self.in_shape + (rank,), jnp.float32, -bound, bound
         ).astype(param_dtype)
-        self.a = LoRAParam(a, sharding_names=(*in_axes, "lora_rank"), eager_sharding=False)
+        self.a = LoRAParam(a, out_sharding=(*in_axes, "lora_rank"), eager_sharding=False)
         self.b = LoRAParam(
             jnp.zeros((rank,) + self.out_shape, param_dtype),
-            sharding_names=("lora_rank", *out_axes),
+            out_sharding=("lora_rank", *out_axes),
             eager_sharding=False,
         )
         # its own stream tagged "dropout", so the step can reseed it: nnx.reseed(m, dropout=key)
@@ -95,11 +95,13 @@ def lora_slots(model) -> list[tuple[str, nnx.Module]]:
     ]
 
 
-def apply_lora(model, cfg, rngs: nnx.Rngs):
+def apply_lora(model, cfg, rngs: nnx.Rngs, *, param_dtype=None):
     """Attaches a `LoRA` to every matching `Linear` of `model` (in place); returns `model`.
 
     cfg: `perpo_jax.config.LoraConfig` (rank, alpha, dropout, targets). A target list that
     matches no layer is an error naming the patterns and a few existing paths.
+    param_dtype: dtype of A and B (and so of their optimizer state); default: the kernel's.
+    Pass float32 for a bf16 base: at lr 5e-6 a bf16 adapter update rounds away.
     """
     patterns = [re.compile(t) for t in cfg.targets]
     slots = lora_slots(model)
@@ -122,7 +124,7 @@ def apply_lora(model, cfg, rngs: nnx.Rngs):
                 alpha=cfg.alpha,
                 dropout=cfg.dropout,
                 rngs=rngs,
-                param_dtype=linear.kernel[...].dtype,
+                param_dtype=param_dtype or linear.kernel[...].dtype,
             )
         )
     return model

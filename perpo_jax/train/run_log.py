@@ -44,11 +44,26 @@ class RunLog:
                     self._writer.add_scalar(f"{kind}/{name}", value, int(step))
 
     def records(self, kind: str | None = None) -> list[dict]:
+        """Logged rows (of one kind); a line cut short by a kill is skipped."""
         if not os.path.exists(self.path):
             return []
+        rows = []
         with open(self.path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return [r for r in rows if kind is None or r["kind"] == kind]
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return [r for r in rows if kind is None or r.get("kind") == kind]
+
+    def truncate_after(self, step: int) -> None:
+        """Drops rows logged after `step`: on resume from checkpoint `step`, the steps a killed
+        run logged past it are run (and logged) again."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        keep = [r for r in self.records() if r.get("step", 0) <= step]
+        with atomic_file(self.path) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
 
     def close(self) -> None:
         if self._writer is not None:

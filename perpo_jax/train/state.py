@@ -28,7 +28,7 @@ from perpo_jax.train.lora import LoRAParam, trainable_filter
 class TrainState:
     """step: int32 [] steps taken (skipped ones included); params: trainable nnx.State;
     opt_state: optax state of `params`; rng: typed PRNG key (dropout); skipped: int32 []
-    updates skipped because the loss or gradient norm was not finite."""
+    updates not applied: non-finite loss or gradient norm, or no valid list in the batch."""
 
     step: jax.Array
     params: Any

@@ -9,8 +9,8 @@ list batch over (data, fsdp), the train state donated; `frozen` (base weights) a
 are read-only inputs. The loss is computed from `scoring.list_logprobs` + `losses.LOSSES`
 (or token NLL for `sft`); gradients are taken wrt the trainable params only. Gradient
 accumulation scans over micro-batches of lists (`microbatched`), so one call is one update.
-A non-finite loss or gradient norm skips the update (params and optimizer state unchanged,
-`skipped` += 1).
+A non-finite loss or gradient norm, or a batch with no valid list, skips the update (params
+and optimizer state unchanged, `skipped` += 1).
 """
 
 from __future__ import annotations
@@ -213,9 +213,11 @@ def train_step(state: TrainState, frozen, reference, batch, *, graphdef, loss_cf
         return loss, weight, metrics, grads
 
     key, next_rng = jax.random.split(state.rng)
-    loss, _, metrics, grads = microbatched(grad_fn, grad_accum)(state.params, batch, key)
+    loss, weight, metrics, grads = microbatched(grad_fn, grad_accum)(state.params, batch, key)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A batch without any valid list must not move the weights either: AdamW would still
+    # apply its momentum to a zero gradient.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (weight > 0)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
     skipped = state.skipped + (~ok).astype(jnp.int32)

@@ -1,0 +1,136 @@
+"""The lists of one round: sampled and rewarded (online), pre-sampled (offline), or the
+ground truth (SFT); then made identical in shape on every host and given reference log-probs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from perpo_jax.config import Config
+from perpo_jax.rewards import get_reward
+from perpo_jax.train.hosts import global_max, local_rows, to_global
+from perpo_jax.train.listset import (ListSet, bucketed, lists_from_candidates,
+                                     lists_from_ground_truth)
+
+
+def uses_sampling(cfg: Config) -> bool:
+    """Online rounds sample, except SFT on the ground truth, which needs no candidates."""
+    return cfg.train.mode == "online" and not (
+        cfg.loss.name == "sft" and cfg.loss.sft_target == "ground_truth")
+
+
+def uses_ground_truth(cfg: Config) -> bool:
+    """One-candidate lists of the ground-truth answer: SFT without sampled candidates."""
+    return not uses_sampling(cfg) and not (cfg.train.mode == "offline" and cfg.loss.name != "sft")
+
+
+def response_length(cfg: Config) -> int:
+    """R of the round's lists: what the sampler generates, or the configured max answer."""
+    return cfg.sampling.max_new_tokens if uses_sampling(cfg) else cfg.train.max_response_length
+
+
+def ground_truth(task: str, examples) -> object:
+    """What the task's reward compares against: boxes [N, 4] (grounding) or answer strings."""
+    if task == "grounding":
+        return np.stack([np.asarray(ex.box, np.float32) for ex in examples])
+    return [ex.answer for ex in examples]
+
+
+def repeat_target(gt, b: int, k: int):
+    """The ground truth of prompt b repeated for its k candidates."""
+    if isinstance(gt, np.ndarray):
+        return np.repeat(gt[b:b + 1], k, axis=0)
+    return [gt[b]] * k
+
+
+def sample_round_lists(cfg: Config, processor, model, mesh, examples, round_index: int) -> ListSet:
+    """Samples K candidates per prompt (prefill shared by the K), rewards them on this host,
+    builds the round's lists. Prompts are padded to the longest (rounded up to 32 tokens,
+    the same on every host)."""
+    from perpo_jax.build import prompt_batch_for
+    from perpo_jax.sampling import sample
+
+    tok = processor.tokenizer
+    k = cfg.sampling.num_samples
+    max_prompt = cfg.train.max_length - cfg.sampling.max_new_tokens
+    prompts = prompt_batch_for(examples, processor, max_prompt)  # raises if one is too long
+    width = global_max({"p": bucketed(prompts["prompt_ids"].shape[1])})["p"]
+    prompts = ListSet(prompts, {}).with_prompt_length(min(width, max_prompt), tok.pad_token_id or 0).arrays
+    # The same key on every host (one jitted program); rows get their own streams inside.
+    rng = jax.random.fold_in(jax.random.key(cfg.train.seed), round_index)
+    t0 = time.perf_counter()
+    out = sample(model, to_global(prompts, mesh) if jax.process_count() > 1 else prompts,
+                 num_samples=k, max_new_tokens=cfg.sampling.max_new_tokens,
+                 temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, rng=rng,
+                 eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, mesh=mesh,
+                 suppress_ids=(processor.image_token_id,))
+    tokens, lengths = local_rows(out.tokens), local_rows(out.lengths)
+    seconds = time.perf_counter() - t0
+    ids = [[tokens[b, j, :lengths[b, j]].tolist() for j in range(k)] for b in range(len(examples))]
+    texts = [[processor.decode_response(c) for c in row] for row in ids]
+    reward_fn = get_reward(cfg.data.task)
+    gt = ground_truth(cfg.data.task, examples)
+    rewards = [np.asarray(reward_fn(texts[b], repeat_target(gt, b, k)), np.float32)
+               for b in range(len(examples))]
+    lists = lists_from_candidates(
+        processor, examples, texts, ids, rewards, num_candidates=cfg.train.num_candidates,
+        min_margin=cfg.data.min_margin, max_prompt=max_prompt,
+        max_response=cfg.sampling.max_new_tokens)
+    lists.stats["samples_per_s"] = len(examples) * k / max(seconds, 1e-9)
+    return lists
+
+
+def offline_round_lists(cfg: Config, processor, examples) -> ListSet:
+    """Lists from pre-sampled candidates (official PerPO JSON: answers_gen + iou_scores)."""
+    missing = [i for i, ex in enumerate(examples) if ex.responses is None]
+    if missing:
+        raise ValueError(f"train.mode=offline needs pre-sampled candidates, but records {missing[:5]} "
+                         f"of data.source={cfg.data.source!r} have none")
+    return lists_from_candidates(
+        processor, examples, [list(ex.responses) for ex in examples], None,
+        [np.asarray(ex.rewards, np.float32) for ex in examples],
+        num_candidates=cfg.train.num_candidates, min_margin=cfg.data.min_margin,
+        max_prompt=cfg.train.max_length - cfg.train.max_response_length,
+        max_response=cfg.train.max_response_length)
+
+
+def ground_truth_lists(cfg: Config, processor, examples) -> ListSet:
+    return lists_from_ground_truth(
+        processor, examples, max_prompt=cfg.train.max_length - cfg.train.max_response_length,
+        max_response=cfg.train.max_response_length)
+
+
+def align_across_hosts(lists: ListSet, cfg: Config, processor, pixel_shape) -> tuple[ListSet, int]:
+    """Makes every host's ListSet the same width and returns (lists, the most lists any host
+    kept). A host that kept none gets an empty ListSet of the right row shapes."""
+    width = lists.arrays["prompt_ids"].shape[1] if len(lists) else 0
+    sync = global_max({"lists": len(lists), "width": width})
+    if sync["lists"] == 0:
+        return lists, 0
+    if not len(lists):
+        k = 1 if uses_ground_truth(cfg) else cfg.train.num_candidates
+        r = response_length(cfg)
+        lists = ListSet.empty({
+            "pixel_values": (tuple(pixel_shape), "<f4"), "prompt_ids": ((sync["width"],), "<i4"),
+            "prompt_mask": ((sync["width"],), "|b1"), "response_ids": ((k, r), "<i4"),
+            "response_mask": ((k, r), "|b1"), "rewards": ((k,), "<f4"), "list_mask": ((k,), "|b1"),
+            "target_ids": ((r,), "<i4"), "target_mask": ((r,), "|b1"),
+        }, lists.stats)
+    return lists.with_prompt_length(sync["width"], processor.tokenizer.pad_token_id or 0), sync["lists"]
+
+
+def add_ref_logps(lists: ListSet, ref_fn, state, frozen, reference, mesh, rows: int,
+                  most_lists: int) -> None:
+    """ref_logps [L, K]: reference log-probs of every list, computed once (LoRA off / initial
+    weights), in batches of `rows` lists; every host makes ceil(most_lists / rows) calls."""
+    n = len(lists)
+    out = np.zeros(lists.arrays["rewards"].shape, np.float32)
+    for start in range(0, most_lists, rows):
+        idx = list(range(start, min(start + rows, n)))
+        batch = to_global(lists.step_batch(idx, rows), mesh)
+        ref = local_rows(ref_fn(state.params, frozen, reference, batch))
+        out[start:start + len(idx)] = ref[:len(idx)]
+    lists.arrays["ref_logps"] = out
