@@ -73,11 +73,9 @@ def cmd_prepare_data(args) -> int:
 
 def _targets(task: str, example, k: int):
     """Ground truth repeated for k candidates: boxes [k, 4] (grounding) or k strings."""
-    import numpy as np
+    from perpo_jax.train.rounds import ground_truth, repeat_target
 
-    if task == "grounding":
-        return np.repeat(example.box[None].astype(np.float32), k, axis=0)
-    return [example.answer] * k
+    return repeat_target(ground_truth(task, [example]), 0, k)
 
 
 def cmd_sample(args) -> int:

@@ -7,7 +7,7 @@ Decoding is `perpo_jax.sampling.sample` at temperature 0 with one sample per pro
 first `cfg.eval.num_examples` examples in batches of `cfg.eval.batch_size` (the last batch is
 padded with copies of its last example so every batch has one compiled shape; the padded
 results are dropped). Prompts are padded to the longest prompt of the evaluated examples,
-rounded up to `PROMPT_BUCKET` tokens.
+rounded up to a multiple of 32 tokens (`train.listset.bucketed`: fewer recompiles).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import numpy as np
 
 from perpo_jax.build import Example, prompt_batch_for, record_example
 from perpo_jax.config import Config, ConfigError
+from perpo_jax.train.listset import bucketed
 
-PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (fewer recompiles)
 
 
 @dataclasses.dataclass
@@ -46,10 +46,10 @@ def _split_source(data, split: str):
 
 
 def prompt_length(examples: list[Example], processor) -> int:
-    """The longest prompt (image tokens included), rounded up to PROMPT_BUCKET."""
+    """The longest prompt (image tokens included), rounded up to the prompt bucket."""
     h, w = processor.pixel_values([examples[0].image]).shape[-2:]
     longest = max(len(processor.encode_prompt(e.question, h, w)) for e in examples)
-    return -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    return bucketed(longest)
 
 
 def greedy_texts(model, examples: list[Example], processor, *, batch_size: int,

@@ -1,6 +1,5 @@
 """DecoderLM (Llama GQA, Qwen2 bias + tied) vs transformers, and prefill/extend/cache == full forward."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -13,7 +13,6 @@ The directory written by `train_tokenizer` loads with `AutoTokenizer.from_pretra
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -43,7 +43,8 @@ from perpo_jax.train.listset import ListSet
 from perpo_jax.train.lora import LoRAParam, apply_lora
 from perpo_jax.train.optim import make_optimizer
 from perpo_jax.train.run_log import RunLog, plot_curves
-from perpo_jax.train.state import create_train_state, partition_model, reference_state
+from perpo_jax.train.state import (create_train_state, partition_model, reference_state,
+                                   trained_model)
 from perpo_jax.train.step import build_ref_logps, build_train_step
 
 
@@ -140,10 +141,11 @@ class _Trainer:
         self.most_lists = 0  # the most lists any host kept this round
 
     def model(self, *, reference: bool = False):
-        params = self.state.params
+        """The policy (or the frozen reference) as one NNX module."""
         if reference:
-            params = reference_state(params, self.reference)
-        return nnx.merge(self.parts.graphdef, params, self.frozen)
+            params = reference_state(self.state.params, self.reference)
+            return nnx.merge(self.parts.graphdef, params, self.frozen)
+        return trained_model(self.parts.graphdef, self.state, self.frozen)
 
     def abstract_state(self):
         return jax.tree.map(

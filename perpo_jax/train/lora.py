@@ -8,7 +8,8 @@ Its weights are `LoRAParam`s (a subclass of `nnx.Param`) so filters separate the
 base weights: `trainable_filter(cfg)` selects what gets gradients and optimizer state.
 
 The reference model is the same base weights with the adapters zeroed (`x · 0 = 0` exactly,
-so the reference equals the base bit for bit) — see `zero_lora`; no second copy of the base.
+so the reference equals the base bit for bit; `perpo_jax.train.state.reference_state`),
+no second copy of the base.
 `merge_lora(model)` folds scale · A · B into the kernels and empties the slots for export.
 """
 
@@ -172,7 +173,3 @@ def trainable_filter(cfg):
     return nnx.Any(LoRAParam, path_regex_filter(cfg.trainable))
 
 
-def zero_lora(state: nnx.State) -> nnx.State:
-    """The same state with every `LoRAParam` value zeroed: adapters off, base untouched."""
-    lora, rest = nnx.split_state(state, LoRAParam, ...)
-    return nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), rest)
