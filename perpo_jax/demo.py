@@ -189,8 +189,11 @@ def _export_and_check(model, data, cfg, out_dir: str) -> None:
     save_pretrained(model, out_dir)
     data.processor.save_pretrained(os.path.join(out_dir, "processor"))
     try:
+        import torch  # noqa: F401  (transformers' LLaVA is a PyTorch model)
         from transformers import LlavaForConditionalGeneration
-    except ImportError:  # pragma: no cover - transformers is a runtime dependency
+    except ImportError:
+        print(f"[demo] exported PerPO model to {out_dir}; torch is not installed, so the "
+              "transformers load check was skipped (pip install -r requirements-demo.txt)")
         return
     loaded, info = LlavaForConditionalGeneration.from_pretrained(out_dir, output_loading_info=True)
     missing = info.get("missing_keys", []) or []
