@@ -175,7 +175,9 @@ def _build_dataset(cfg: Config):
     if d.source == "shapes_grounding":
         from perpo_jax.data import shapes_grounding
         return shapes_grounding.build(d.data_dir, num_train=d.num_train, num_val=d.num_val,
-                                      image_size=d.image_size, seed=d.seed), ()
+                                      image_size=d.image_size, seed=d.seed,
+                                      min_objects=d.min_objects, max_objects=d.max_objects,
+                                      relations=d.relations), ()
     if d.source == "shapes_ocr":
         from perpo_jax.data import shapes_ocr
         return shapes_ocr.build(d.data_dir, num_train=d.num_train, num_val=d.num_val,

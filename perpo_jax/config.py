@@ -121,6 +121,11 @@ class DataConfig:
     min_margin: float = 0.8  # lists whose best − worst reward is below this are dropped
     skip_invalid: bool = False  # skip (and report) malformed lines / missing images instead of failing
     seed: int = 0
+    # shapes_grounding scenes: objects per image and whether expressions may use spatial
+    # relations ("the red circle left of the blue square"); other sources ignore these
+    min_objects: int = 2
+    max_objects: int = 5
+    relations: bool = True
 
 
 @dataclass
@@ -277,6 +282,9 @@ def validate(cfg: Config) -> Config:
     bad = [m for m in cfg.demo.methods if m not in _CHOICES["loss.name"]]
     if bad:
         raise ConfigError(f"demo.methods: {bad} not among {', '.join(_CHOICES['loss.name'])}")
+    if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
+        raise ConfigError(f"data.min_objects / data.max_objects: need 1 <= min <= max, got "
+                          f"{cfg.data.min_objects} / {cfg.data.max_objects}")
     if cfg.data.source in ("refcoco_style", "official_json") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r}")
     return cfg

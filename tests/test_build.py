@@ -40,6 +40,17 @@ def test_prepare_data_is_idempotent(prepared):
     assert first.question == second.question and np.array_equal(first.image, second.image)
 
 
+def test_scene_knobs_reach_the_builder(tmp_path):
+    """data.min_objects / max_objects / relations are the builder's settings and its name."""
+    cfg = tiny_cfg(tmp_path, "data.min_objects=1", "data.max_objects=2", "data.relations=false")
+    builder, _ = build._build_dataset(cfg)
+    bc = builder.builder_config
+    assert (bc.min_objects, bc.max_objects, bc.relations) == (1, 2, False)
+    assert bc.name.endswith("_obj1-2_norel")
+    train = builder.as_data_source()["train"]
+    assert all(1 <= train[i]["object_boxes"].shape[0] <= 2 for i in range(len(train)))
+
+
 def test_processor_image_tokens_match_tiny_model(prepared):
     cfg, data = prepared
     proc = data.processor

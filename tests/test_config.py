@@ -36,6 +36,9 @@ def test_yaml_and_overrides(tmp_path):
         ("optim.lr", "optim.lr"),
         ("train.lists_per_step=0", "train.lists_per_step"),
         ("sampling.top_p=0", "sampling.top_p"),
+        ("data.min_objects=0", "data.min_objects"),
+        ("data.max_objects=1", "data.max_objects"),
+        ("data.relations=maybe", "data.relations"),
     ],
 )
 def test_bad_overrides_name_the_key(override, needle):

@@ -133,6 +133,44 @@ def test_scene_generator_rejects_ambiguity():
     assert shapes_scene.referred_objects(expression, objs) == [0]
 
 
+def test_scene_knobs_object_count_and_relations(tmp_path):
+    """min_objects / max_objects bound every scene; relations=False never uses a relation;
+    the settings enter the TFDS config name; defaults keep the original name and content."""
+    relation_words = tuple(shapes_scene.RELATIONS)
+    for i in range(40):
+        x = shapes_grounding.make_example(3, "train", i, SIZE, min_objects=1, max_objects=2,
+                                          relations=False)
+        assert 1 <= x["object_boxes"].shape[0] <= 2
+        assert not any(f" {r} " in x["expression"] for r in relation_words)
+        assert shapes_scene.referred_objects(x["expression"], _scene_objects(x)) == [x["target"]]
+    default = shapes_grounding.make_example(3, "train", 0, SIZE)
+    explicit = shapes_grounding.make_example(3, "train", 0, SIZE, min_objects=2, max_objects=5,
+                                             relations=True)
+    assert default["answer"] == explicit["answer"] and default["expression"] == explicit["expression"]
+    b = shapes_grounding.build(str(tmp_path), num_train=8, num_val=2, image_size=SIZE,
+                               min_objects=1, max_objects=2, relations=False)
+    assert b.builder_config.name == f"n8_v2_s{SIZE}_seed0_obj1-2_norel"
+    for j in range(8):
+        assert 1 <= b.as_data_source()["train"][j]["object_boxes"].shape[0] <= 2
+    assert shapes_grounding.config_name(num_train=8, num_val=2, image_size=SIZE, seed=0,
+                                        min_objects=2, max_objects=5,
+                                        relations=True) == f"n8_v2_s{SIZE}_seed0"
+    with pytest.raises(ValueError, match="min_objects"):
+        shapes_grounding.build(str(tmp_path), num_train=8, num_val=2, min_objects=3, max_objects=2)
+
+
+def _scene_objects(x):
+    """ShapeObjects back from a make_example dict (boxes in pixels, inclusive)."""
+    out = []
+    for box, sh, co, si in zip(x["object_boxes"], x["object_shape"], x["object_colour"],
+                               x["object_size"]):
+        px = np.round(box * SIZE).astype(int)
+        out.append(shapes_scene.ShapeObject(shapes_scene.SHAPES[sh], shapes_scene.COLOUR_NAMES[co],
+                                            shapes_scene.SIZES[si],
+                                            (px[0], px[1], px[2] - 1, px[3] - 1)))
+    return out
+
+
 # ----------------------------------------------------------------------------- loader
 
 

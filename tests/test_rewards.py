@@ -15,7 +15,8 @@ from perpo_jax.rewards import (DROP_REASONS, REWARDS, build_lists, get_reward, i
                                spread_indices)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-OFFICIAL_EXAMPLE = REPO.parent / "shared" / "data" / "perpo_official_example.json"
+# a copy of shared/data/perpo_official_example.json: a clean clone has no ../shared
+OFFICIAL_EXAMPLE = REPO / "tests" / "data" / "perpo_official_example.json"
 
 
 # ----------------------------------------------------------------------------- boxes

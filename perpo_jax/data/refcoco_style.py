@@ -1,7 +1,7 @@
 """Readers for local grounding data: official PerPO candidate lists and RefCOCO-style files.
 
 (a) Official PerPO lists (`read_official_lists`): a JSON array (the official repository's
-    format, see `shared/data/perpo_official_example.json`) or JSONL, one object per list:
+    format, see `tests/data/perpo_official_example.json`) or JSONL, one object per list:
         {"image_id": any, "image_path": "COCO/train2014/x.jpg", "question": str,
          "answer": "[x1, y1, x2, y2]", "answers_gen": [str] * N, "iou_scores": [float] * N}
     `image_path` is relative to `image_root`.

@@ -1,7 +1,8 @@
 """TFDS builder `shapes_grounding`: synthetic referring-expression grounding (array_record).
 
-Each example: an S x S RGB image with 2–5 coloured shapes, a referring expression picking
-exactly one of them, the official PerPO grounding prompt and the answer box text.
+Each example: an S x S RGB image with 2–5 coloured shapes (config `min_objects`–`max_objects`),
+a referring expression picking exactly one of them (spatial relations allowed unless
+`relations=False`), the official PerPO grounding prompt and the answer box text.
 
 Features (as read back by `as_data_source()`):
     image          uint8 [S, S, 3]
@@ -41,18 +42,26 @@ def grounding_question(expression: str) -> str:
 
 @dataclasses.dataclass
 class ShapesGroundingConfig(tfds.core.BuilderConfig):
-    """num_train / num_val: examples per split; image_size: S in pixels; seed: data seed."""
+    """num_train / num_val: examples per split; image_size: S in pixels; seed: data seed;
+    min_objects / max_objects: objects per scene; relations: spatial-relation expressions
+    allowed (attribute expressions only when False)."""
 
     num_train: int = 2000
     num_val: int = 200
     image_size: int = 64
     seed: int = 0
+    min_objects: int = shapes_scene.MIN_OBJECTS
+    max_objects: int = shapes_scene.MAX_OBJECTS
+    relations: bool = True
 
 
-def make_example(seed: int, split: str, index: int, image_size: int) -> dict:
+def make_example(seed: int, split: str, index: int, image_size: int, *,
+                 min_objects: int = shapes_scene.MIN_OBJECTS,
+                 max_objects: int = shapes_scene.MAX_OBJECTS, relations: bool = True) -> dict:
     """The feature dict of example `index` of `split` (see module docstring)."""
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-    objects, target, expression, image = shapes_scene.sample_example(rng, image_size)
+    objects, target, expression, image = shapes_scene.sample_example(
+        rng, image_size, min_objects=min_objects, max_objects=max_objects, relations=relations)
     box = objects[target].normalised_box(image_size)
     return {
         "image": image,
@@ -105,19 +114,37 @@ class ShapesGrounding(LocalBuilder):
     def _generate_examples(self, split: str, count: int):
         cfg = self.builder_config
         for i in range(count):
-            yield i, make_example(cfg.seed, split, i, cfg.image_size)
+            yield i, make_example(cfg.seed, split, i, cfg.image_size,
+                                  min_objects=cfg.min_objects, max_objects=cfg.max_objects,
+                                  relations=cfg.relations)
+
+
+def config_name(*, num_train: int, num_val: int, image_size: int, seed: int, min_objects: int,
+                max_objects: int, relations: bool) -> str:
+    """The TFDS config name: every setting, the scene knobs only when not the defaults (so
+    datasets made before those knobs existed keep their names)."""
+    name = f"n{num_train}_v{num_val}_s{image_size}_seed{seed}"
+    if (min_objects, max_objects) != (shapes_scene.MIN_OBJECTS, shapes_scene.MAX_OBJECTS):
+        name += f"_obj{min_objects}-{max_objects}"
+    if not relations:
+        name += "_norel"
+    return name
 
 
 def build(data_dir: str, *, num_train: int = 2000, num_val: int = 200, image_size: int = 64,
-          seed: int = 0) -> ShapesGrounding:
+          seed: int = 0, min_objects: int = shapes_scene.MIN_OBJECTS,
+          max_objects: int = shapes_scene.MAX_OBJECTS, relations: bool = True) -> ShapesGrounding:
     """Prepare (or reuse) the dataset under `data_dir` and return its builder.
 
     The config name encodes every parameter, so different settings never share files.
     Read it with `builder.as_data_source()["train"]`.
     """
-    name = f"n{num_train}_v{num_val}_s{image_size}_seed{seed}"
+    shapes_scene.check_object_counts(min_objects, max_objects)
+    name = config_name(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
+                       min_objects=min_objects, max_objects=max_objects, relations=relations)
     config = ShapesGroundingConfig(name=name, num_train=num_train, num_val=num_val,
-                                   image_size=image_size, seed=seed)
+                                   image_size=image_size, seed=seed, min_objects=min_objects,
+                                   max_objects=max_objects, relations=relations)
     builder = ShapesGrounding(data_dir=data_dir, config=config, file_format="array_record")
     builder.download_and_prepare()
     return builder

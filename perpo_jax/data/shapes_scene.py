@@ -109,9 +109,19 @@ def _propose(rng: np.random.Generator, image_size: int, placed: list[ShapeObject
     return ShapeObject(shape, colour, size, (x0, y0, x0 + side - 1, y0 + side - 1))
 
 
-def sample_layout(rng: np.random.Generator, image_size: int) -> list[ShapeObject]:
-    """2–5 objects obeying the layout rules, in drawing order (large first)."""
-    want = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+def check_object_counts(min_objects: int, max_objects: int) -> None:
+    """1 <= min_objects <= max_objects, else a ValueError naming both."""
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"need 1 <= min_objects <= max_objects, got min_objects={min_objects}, "
+                         f"max_objects={max_objects}")
+
+
+def sample_layout(rng: np.random.Generator, image_size: int, *, min_objects: int = MIN_OBJECTS,
+                  max_objects: int = MAX_OBJECTS) -> list[ShapeObject]:
+    """min_objects–max_objects (default 2–5) objects obeying the layout rules, in drawing
+    order (large first)."""
+    check_object_counts(min_objects, max_objects)
+    want = int(rng.integers(min_objects, max_objects + 1))
     placed: list[ShapeObject] = []
     for _ in range(200 * want):
         if len(placed) == want:
@@ -119,8 +129,8 @@ def sample_layout(rng: np.random.Generator, image_size: int) -> list[ShapeObject
         candidate = _propose(rng, image_size, placed)
         if all(_compatible(candidate, old) for old in placed):
             placed.append(candidate)
-    if len(placed) < MIN_OBJECTS:
-        raise ValueError(f"image_size={image_size} is too small to place {MIN_OBJECTS} shapes")
+    if len(placed) < min_objects:
+        raise ValueError(f"image_size={image_size} is too small to place {min_objects} shapes")
     return sorted(placed, key=lambda o: o.size != "large")  # stable: large ones first
 
 
@@ -236,14 +246,15 @@ def _relation_expressions(objects, t) -> tuple[list[str], list[str]]:
 
 
 def referring_expression(objects: list[ShapeObject], target: int,
-                         rng: np.random.Generator) -> str | None:
+                         rng: np.random.Generator, *, relations: bool = True) -> str | None:
     """A random expression that picks exactly `objects[target]`, or None if none exists.
 
     Relations are used half of the time when available, preferring ones whose head phrase
-    alone would be ambiguous. The result is checked with `referred_objects`.
+    alone would be ambiguous; `relations=False` allows attribute expressions only. The
+    result is checked with `referred_objects`.
     """
     attribute = _attribute_expressions(objects, target)
-    needed, optional = _relation_expressions(objects, target)
+    needed, optional = _relation_expressions(objects, target) if relations else ([], [])
     relation = needed or optional
     pool = relation if relation and (not attribute or rng.random() < 0.5) else attribute
     if not pool:
@@ -259,12 +270,17 @@ def format_box(box) -> str:
     return "[" + ", ".join(f"{float(v):.2f}" for v in box) + "]"
 
 
-def sample_example(rng: np.random.Generator, image_size: int):
-    """(objects, target index, expression, image) for one example; retries unlucky layouts."""
+def sample_example(rng: np.random.Generator, image_size: int, *, min_objects: int = MIN_OBJECTS,
+                   max_objects: int = MAX_OBJECTS, relations: bool = True):
+    """(objects, target index, expression, image) for one example; retries unlucky layouts.
+
+    min_objects / max_objects: objects per scene (default 2–5); relations: whether spatial
+    relations ("the red circle left of the blue square") may be used.
+    """
     for _ in range(100):
-        objects = sample_layout(rng, image_size)
+        objects = sample_layout(rng, image_size, min_objects=min_objects, max_objects=max_objects)
         target = int(rng.integers(len(objects)))
-        expression = referring_expression(objects, target, rng)
+        expression = referring_expression(objects, target, rng, relations=relations)
         if expression is not None:
             return objects, target, expression, render_scene(objects, image_size, rng)
     raise RuntimeError("could not generate a referable scene in 100 tries")
