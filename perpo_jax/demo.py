@@ -51,11 +51,14 @@ def _with(cfg: Config, **sections) -> Config:
 
 def sft_config(cfg: Config, out_dir: str) -> Config:
     """Supervised warm-up on ground-truth answers (no sampling), settings from `demo.*`."""
+    d = cfg.demo
     return _with(
         cfg,
         loss={"name": "sft", "sft_target": "ground_truth"},
-        train={"rounds": cfg.demo.sft_rounds, "steps": cfg.demo.sft_steps, "out_dir": out_dir},
-        optim={"lr": cfg.demo.sft_lr},
+        train={"rounds": d.sft_rounds, "steps": d.sft_steps, "out_dir": out_dir,
+               "lists_per_step": d.sft_lists_per_step or cfg.train.lists_per_step},
+        sampling={"prompts_per_round": d.sft_prompts_per_round or cfg.sampling.prompts_per_round},
+        optim={"lr": d.sft_lr},
         lora={"enabled": False},
     )
 

@@ -39,6 +39,7 @@ def test_yaml_and_overrides(tmp_path):
         ("data.min_objects=0", "data.min_objects"),
         ("data.max_objects=1", "data.max_objects"),
         ("data.relations=maybe", "data.relations"),
+        ("demo.sft_lists_per_step=-1", "demo.sft_lists_per_step"),
     ],
 )
 def test_bad_overrides_name_the_key(override, needle):
@@ -97,3 +98,17 @@ def test_base_chain_is_checked(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="circular"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_demo_sft_batch_and_round_size():
+    from perpo_jax.demo import sft_config
+
+    cfg = load_config(None, ["train.lists_per_step=8", "sampling.prompts_per_round=128"])
+    same = sft_config(cfg, "out")
+    assert (same.train.lists_per_step, same.sampling.prompts_per_round) == (8, 128)
+    cfg = load_config(None, ["train.lists_per_step=8", "sampling.prompts_per_round=128",
+                             "demo.sft_lists_per_step=32", "demo.sft_prompts_per_round=512"])
+    sft = sft_config(cfg, "out")
+    assert (sft.train.lists_per_step, sft.sampling.prompts_per_round) == (32, 512)
+    assert (sft.loss.name, sft.loss.sft_target) == ("sft", "ground_truth")
+    assert (cfg.train.lists_per_step, cfg.sampling.prompts_per_round) == (8, 128)  # untouched
