@@ -135,7 +135,8 @@ def test_demo_pipeline_all_methods_report_and_export(shared, tmp_path):
         "data.num_val=8", "data.image_size=32", TINY_MODEL, "sampling.prompts_per_round=8",
         "sampling.num_samples=4", "sampling.max_new_tokens=8", "train.num_candidates=4",
         "train.lists_per_step=8", "train.rounds=1", "train.steps=1", "train.max_length=192",
-        "train.max_response_length=12", "demo.sft_rounds=1", "eval.num_examples=8",
+        "train.max_response_length=12", "demo.sft_rounds=1", "demo.sft_lists_per_step=8",
+        "demo.sft_prompts_per_round=8", "eval.num_examples=8",
         "eval.batch_size=8", "eval.max_new_tokens=8", "data.min_margin=0.0",
     ])
     assert set(report["results"]) == {"sft_warmup", "perpo", "dpo", "lipo", "sft"}

@@ -1,0 +1,97 @@
+"""The demo over several seeds: mean ± sd per method and whether PerPO > DPO > SFT held.
+
+    python bench/demo_seeds.py --seeds 0 1 2 --out runs/demo_seeds [section.key=value ...]
+    python bench/demo_seeds.py --reports A/report.json B/report.json   # aggregate only
+
+Each seed is a separate `perpo-jax demo --out OUT/seedS train.seed=S ...` process (the same
+command a user runs, so its wall time is the user's; its output goes to OUT/seedS/demo.log).
+Prints ONE JSON object (not a test).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METRICS = ("acc@0.5", "mean_iou")
+ORDER = ("perpo", "dpo", "sft_warmup")  # the paper's claim: PerPO > DPO > SFT
+
+
+def run_seed(seed: int, out: Path, overrides: list[str]) -> tuple[Path, float]:
+    run_dir = out / f"seed{seed}"
+    cmd = [sys.executable, "-m", "perpo_jax.cli", "demo", "--out", str(run_dir),
+           f"train.seed={seed}", *overrides]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # The demo's own prints go to a log beside its report so stdout stays one JSON object.
+    with open(run_dir / "demo.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return run_dir / "report.json", time.perf_counter() - start
+
+
+def summarise(reports: list[dict]) -> dict:
+    methods = list(reports[0]["results"])
+    table = {}
+    for m in methods:
+        row = {}
+        for key in METRICS:
+            vals = [r["results"][m]["metrics"][key] for r in reports if m in r["results"]]
+            row[key] = {"mean": statistics.fmean(vals),
+                        "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals}
+        table[m] = row
+    # Paired differences: the warm-up's seed-to-seed spread dominates each method's sd, but
+    # every method starts from its own seed's warm-up, so method - warm-up per seed is the gain.
+    gains = {}
+    for m in methods:
+        if m == "sft_warmup":
+            continue
+        gains[m] = {}
+        for key in METRICS:
+            diffs = [r["results"][m]["metrics"][key] - r["results"]["sft_warmup"]["metrics"][key]
+                     for r in reports if m in r["results"]]
+            gains[m][key] = {"mean": statistics.fmean(diffs),
+                             "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                             "values": diffs}
+    held = {}
+    for key in METRICS:
+        held[key] = [all(r["results"][a]["metrics"][key] > r["results"][b]["metrics"][key]
+                         for a, b in zip(ORDER, ORDER[1:])) for r in reports]
+    return {"methods": table, "gain_over_sft_warmup": gains, "perpo_gt_dpo_gt_sft_per_seed": held}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/demo_seeds")
+    p.add_argument("--reports", nargs="*", default=None, help="aggregate these report.json files")
+    p.add_argument("overrides", nargs="*", help="passed to every demo run")
+    args = p.parse_args(argv)
+    walls = []
+    if args.reports:
+        paths = [Path(r) for r in args.reports]
+    else:
+        paths = []
+        for seed in args.seeds:
+            path, wall = run_seed(seed, Path(args.out), args.overrides)
+            paths.append(path)
+            walls.append(wall)
+    reports = [json.loads(path.read_text()) for path in paths]
+    out = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "reports": [str(p) for p in paths],
+        "demo_seconds": walls or [r.get("seconds") for r in reports],
+        **summarise(reports),
+    }
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
