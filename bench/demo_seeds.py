@@ -35,29 +35,24 @@ def run_seed(seed: int, out: Path, overrides: list[str]) -> tuple[Path, float]:
     return run_dir / "report.json", time.perf_counter() - start
 
 
+def _stats(vals: list[float]) -> dict:
+    return {"mean": statistics.fmean(vals),
+            "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals}
+
+
 def summarise(reports: list[dict]) -> dict:
     methods = list(reports[0]["results"])
-    table = {}
-    for m in methods:
-        row = {}
-        for key in METRICS:
-            vals = [r["results"][m]["metrics"][key] for r in reports if m in r["results"]]
-            row[key] = {"mean": statistics.fmean(vals),
-                        "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals}
-        table[m] = row
+
+    def metric(m: str, key: str) -> list[float]:
+        return [r["results"][m]["metrics"][key] for r in reports if m in r["results"]]
+
+    table = {m: {key: _stats(metric(m, key)) for key in METRICS} for m in methods}
     # Paired differences: the warm-up's seed-to-seed spread dominates each method's sd, but
     # every method starts from its own seed's warm-up, so method - warm-up per seed is the gain.
-    gains = {}
-    for m in methods:
-        if m == "sft_warmup":
-            continue
-        gains[m] = {}
-        for key in METRICS:
-            diffs = [r["results"][m]["metrics"][key] - r["results"]["sft_warmup"]["metrics"][key]
-                     for r in reports if m in r["results"]]
-            gains[m][key] = {"mean": statistics.fmean(diffs),
-                             "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                             "values": diffs}
+    gains = {m: {key: _stats([r["results"][m]["metrics"][key]
+                              - r["results"]["sft_warmup"]["metrics"][key]
+                              for r in reports if m in r["results"]]) for key in METRICS}
+             for m in methods if m != "sft_warmup"}
     held = {}
     for key in METRICS:
         held[key] = [all(r["results"][a]["metrics"][key] > r["results"][b]["metrics"][key]
