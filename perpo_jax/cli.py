@@ -26,7 +26,7 @@ from perpo_jax.config import ConfigError, config_from_dict, load_config
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a user causes (their message names the thing); no traceback for these."""
-    from perpo_jax.build import ModelProcessorMismatch
+    from perpo_jax.models.from_config import ModelProcessorMismatch
     from perpo_jax.data.batching import PromptTooLongError
     from perpo_jax.data.refcoco_style import DataFileError
     from perpo_jax.hf import CheckpointError
@@ -44,13 +44,15 @@ def _load(args) -> object:
 
 def _setup(cfg, *, progress: bool = True):
     """(mesh, data) for commands that need the dataset and processor."""
-    from perpo_jax.build import build_mesh, prepare_data
+    from perpo_jax.models.from_config import build_mesh
+    from perpo_jax.data.prepare import prepare_data
 
     return build_mesh(cfg), prepare_data(cfg, progress=progress)
 
 
 def _model(cfg, mesh, data, checkpoint: str | None):
-    from perpo_jax.build import build_model, model_from_checkpoint
+    from perpo_jax.models.from_config import build_model
+    from perpo_jax.restore import model_from_checkpoint
 
     if checkpoint is None:
         return build_model(cfg, mesh, data.processor)
@@ -82,7 +84,7 @@ def cmd_sample(args) -> int:
     import jax
     import numpy as np
 
-    from perpo_jax.build import prompt_batch_for, record_example
+    from perpo_jax.data.prepare import prompt_batch_for, record_example
     from perpo_jax.evaluate import prompt_length
     from perpo_jax.rewards import get_reward
     from perpo_jax.sampling import sample
@@ -153,10 +155,11 @@ def _to_hf(args, *, merge: bool) -> int:
     """Training or converted checkpoint → transformers dir (LoRA merged when `merge`)."""
     from flax import nnx
 
-    from perpo_jax.build import (build_mesh, is_params_checkpoint, model_from_checkpoint,
-                                 prepare_data)
+    from perpo_jax.models.from_config import build_mesh
+    from perpo_jax.restore import is_params_checkpoint, model_from_checkpoint
+    from perpo_jax.data.prepare import prepare_data
     from perpo_jax.hf import CheckpointError, save_pretrained
-    from perpo_jax.train.lora import LoRAParam
+    from perpo_jax.models.lora import LoRAParam
 
     if args.checkpoint is None:
         raise ConfigError("--checkpoint: required")
@@ -177,7 +180,8 @@ def _to_hf(args, *, merge: bool) -> int:
 
 
 def _from_hf(args) -> int:
-    from perpo_jax.build import build_mesh, save_params_checkpoint
+    from perpo_jax.models.from_config import build_mesh
+    from perpo_jax.restore import save_params_checkpoint
     from perpo_jax.hf import load_pretrained
     from perpo_jax.models.config import as_jnp_dtype
 

@@ -78,6 +78,7 @@ class TrainConfig:
     max_response_length: int = 64
     shared_prefix: bool = True  # image + prompt run once per list
     precompute_ref: bool = True  # reference log-probs computed once when lists are built
+    disable_dropout: bool = True  # every dropout (LoRA's too) off, as the official trainer runs
     seed: int = 0
     log_every: int = 1
     out_dir: str = "runs/default"
@@ -110,14 +111,27 @@ class SamplingConfig:
 @dataclass
 class DataConfig:
     task: str = "grounding"  # grounding | ocr (a key of rewards.REWARDS)
-    source: str = "shapes_grounding"  # shapes_grounding | shapes_ocr | refcoco_style | official_json
+    # shapes_grounding | shapes_ocr | refcoco_style (JSONL) | refer (refer-toolkit refs(*).p +
+    # instances.json) | official_json (pre-sampled PerPO lists)
+    source: str = "shapes_grounding"
     data_dir: str = "runs/data"
-    path: str | None = None  # annotation / official JSON file for refcoco_style / official_json
+    # annotation file (refcoco_style / official_json) or refer dataset dir (refer: holds
+    # refs(<split_by>).p and instances.json)
+    path: str | None = None
+    refer_split_by: str = "unc"  # refer: which refs(<split_by>).p to read (unc | umd | google)
     image_dir: str | None = None
     tokenizer: str | None = None  # tokenizer dir; default: the HF checkpoint's or the dataset's
     num_train: int = 2000
     num_val: int = 200
     image_size: int = 64
+    # prompt template: chat_template (the checkpoint's own) | llava_v1 (the official PerPO
+    # conversation) | auto (chat_template when the checkpoint has one, else llava_v1)
+    template: str = "auto"
+    # pad (LLaVA-1.5 pad-to-square with the image mean, the official run) | crop (CLIP resize +
+    # center crop) | checkpoint (whatever the checkpoint's image processor does)
+    image_aspect_ratio: str = "checkpoint"
+    # frame of normalised boxes in answers and rewards: original image | padded square
+    box_frame: str = "padded"
     min_margin: float = 0.8  # lists whose best − worst reward is below this are dropped
     skip_invalid: bool = False  # skip (and report) malformed lines / missing images instead of failing
     seed: int = 0
@@ -172,7 +186,11 @@ _CHOICES = {
     "loss.sft_target": ("best", "ground_truth"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mode": ("online", "offline"),
-    "data.source": ("shapes_grounding", "shapes_ocr", "refcoco_style", "official_json"),
+    "data.source": ("shapes_grounding", "shapes_ocr", "refcoco_style", "refer", "official_json"),
+    "data.template": ("auto", "chat_template", "llava_v1"),
+    "data.image_aspect_ratio": ("pad", "crop", "checkpoint"),
+    "data.box_frame": ("original", "padded"),
+    "data.refer_split_by": ("unc", "umd", "google"),
 }
 
 
@@ -292,7 +310,7 @@ def validate(cfg: Config) -> Config:
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError(f"data.min_objects / data.max_objects: need 1 <= min <= max, got "
                           f"{cfg.data.min_objects} / {cfg.data.max_objects}")
-    if cfg.data.source in ("refcoco_style", "official_json") and not cfg.data.path:
+    if cfg.data.source in ("refcoco_style", "refer", "official_json") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r}")
     return cfg
 

@@ -18,7 +18,19 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+from flax import nnx
+from matplotlib.figure import Figure
+
 from perpo_jax.config import Config, load_config
+from perpo_jax.data import prepare
+from perpo_jax.evaluate import evaluate
+from perpo_jax.hf import save_pretrained
+from perpo_jax.metrics import draw_boxes_png, predicted_boxes, write_report
+from perpo_jax.models import from_config
+from perpo_jax.models.lora import merge_lora
+from perpo_jax.train.loop import train
 
 DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -78,24 +90,19 @@ def main(argv=None) -> dict:
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
     methods = list(cfg.demo.methods)
-    import jax
-    from flax import nnx
 
-    from perpo_jax import build
-    from perpo_jax.evaluate import evaluate
-    from perpo_jax.train.loop import train
 
     t_start = time.perf_counter()
     for run_dir in ["sft_warmup", *methods, "perpo_hf"]:
         # The demo owns these folders and always starts fresh (the dataset is reused).
         shutil.rmtree(os.path.join(out, run_dir), ignore_errors=True)
-    mesh = build.build_mesh(cfg)
-    data = build.prepare_data(cfg)
+    mesh = from_config.build_mesh(cfg)
+    data = prepare.prepare_data(cfg)
     print(f"[demo] data: {len(data.train)} train / {len(data.val)} val in {data.data_dir}; "
           f"devices: {jax.device_count()} x {jax.devices()[0].platform}", flush=True)
 
     # 1) SFT from random init until it grounds imperfectly
-    base = build.build_model(cfg, mesh, data.processor)
+    base = from_config.build_model(cfg, mesh, data.processor)
     sft = train(sft_config(cfg, os.path.join(out, "sft_warmup")), data=data, model=base, mesh=mesh)
     sft_model = sft.model
     results = {"sft_warmup": _eval(evaluate, sft_model, data, cfg, mesh)}
@@ -133,8 +140,6 @@ def _eval(evaluate, model, data, cfg, mesh) -> dict:
 
 
 def _write_outputs(report, results, trained, sft_model, data, cfg, mesh, out) -> None:
-    from perpo_jax.eval import write_report
-
     slim = dict(report, results={k: {kk: vv for kk, vv in v.items() if kk != "texts"}
                                  for k, v in results.items()})
     write_report(os.path.join(out, "report.json"), slim)
@@ -150,15 +155,11 @@ def _headline(task: str) -> str:
 
 
 def _bar_chart(results: dict, path: str, task: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     key = _headline(task)
     names = list(results)
     values = [results[n]["metrics"].get(key, float("nan")) for n in names]
-    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.2))
+    fig = Figure(figsize=(1.3 * len(names) + 2, 3.2))
+    ax = fig.subplots()
     ax.bar(names, values, color=["#999999"] + ["#4477aa"] * (len(names) - 1))
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
@@ -166,17 +167,11 @@ def _bar_chart(results: dict, path: str, task: str) -> None:
     ax.set_title(f"held-out {key} by method")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def _val_boxes(results: dict, data, cfg, path: str) -> None:
-    import numpy as np
-
-    from perpo_jax.build import record_example
-    from perpo_jax.eval import draw_boxes_png, predicted_boxes
-
     n = min(cfg.eval.num_images, len(results["perpo"]["texts"]))
-    examples = [record_example(data.val[i]) for i in range(n)]
+    examples = [prepare.record_example(data.val[i]) for i in range(n)]
     preds = {name: predicted_boxes(results[name]["texts"][:n]) for name in ("sft_warmup", "perpo")}
     draw_boxes_png(path, [ex.image for ex in examples], np.stack([ex.box for ex in examples]),
                    {"SFT": preds["sft_warmup"], "PerPO": preds["perpo"]},
@@ -185,8 +180,6 @@ def _val_boxes(results: dict, data, cfg, path: str) -> None:
 
 def _export_and_check(model, data, cfg, out_dir: str) -> None:
     """HF export of the trained model, then transformers must load it (no missing keys)."""
-    from perpo_jax.hf import save_pretrained
-    from perpo_jax.train.lora import merge_lora
 
     merge_lora(model)
     save_pretrained(model, out_dir)

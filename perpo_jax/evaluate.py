@@ -1,13 +1,13 @@
 """Greedy evaluation of a model on a prepared split, and its report files.
 
-    result = evaluate(model, data, cfg, mesh=mesh)      # data: build.DataHandle
+    result = evaluate(model, data, cfg, mesh=mesh)      # data: prepare.DataHandle
     write_eval_outputs(result, "runs/demo/eval")        # report.json (+ boxes.png for grounding)
 
 Decoding is `perpo_jax.sampling.sample` at temperature 0 with one sample per prompt, over the
 first `cfg.eval.num_examples` examples in batches of `cfg.eval.batch_size` (the last batch is
 padded with copies of its last example so every batch has one compiled shape; the padded
 results are dropped). Prompts are padded to the longest prompt of the evaluated examples,
-rounded up to a multiple of 32 tokens (`train.listset.bucketed`: fewer recompiles).
+rounded up to a multiple of 32 tokens (`data.batching.bucketed`: fewer recompiles).
 """
 from __future__ import annotations
 
@@ -16,17 +16,22 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
-from perpo_jax.build import Example, prompt_batch_for, record_example
+from perpo_jax import metrics as metrics_lib
 from perpo_jax.config import Config, ConfigError
-from perpo_jax.train.listset import bucketed
-
+from perpo_jax.data.batching import bucketed
+from perpo_jax.data.prepare import Example, prompt_batch_for, record_example
+from perpo_jax.data.shapes_grounding import GROUNDING_PROMPT
+from perpo_jax.rewards import REWARDS
+from perpo_jax.sampling import sample
 
 
 @dataclasses.dataclass
 class EvalResult:
-    """task; metrics (from perpo_jax.eval + samples_per_s, split); texts [N] decoded greedy
+    """task; metrics (from perpo_jax.metrics + samples_per_s, split); texts [N] decoded greedy
     answers; gt: boxes [N, 4] float32 (grounding) or reference strings [N]; questions [N];
     images: HWC uint8 of the first `cfg.eval.num_images` examples."""
 
@@ -55,10 +60,7 @@ def prompt_length(examples: list[Example], processor) -> int:
 def greedy_texts(model, examples: list[Example], processor, *, batch_size: int,
                  max_new_tokens: int, mesh=None, progress: bool = True) -> list[str]:
     """Greedy answers [N] of `model` for `examples`, decoded (EOS and padding removed)."""
-    import jax
-    from tqdm.auto import tqdm
 
-    from perpo_jax.sampling import sample
 
     tok = processor.tokenizer
     length = prompt_length(examples, processor)
@@ -78,8 +80,6 @@ def greedy_texts(model, examples: list[Example], processor, *, batch_size: int,
 
 def task_metrics(task: str, texts: list[str], examples: list[Example]) -> tuple[dict, Any]:
     """(metrics, ground truth) for `task`; unknown tasks report their registered reward."""
-    from perpo_jax import eval as metrics_lib
-    from perpo_jax.rewards import REWARDS
 
     if task == "grounding":
         missing = [i for i, e in enumerate(examples) if e.box is None]
@@ -119,7 +119,6 @@ def evaluate(model, data, cfg: Config, *, split: str = "val", mesh=None,
 
 def _caption(question: str) -> str:
     """The referring expression of a grounding prompt (the prompt prefix is the same for all)."""
-    from perpo_jax.data.shapes_grounding import GROUNDING_PROMPT
 
     return question[len(GROUNDING_PROMPT):] if question.startswith(GROUNDING_PROMPT) else question
 
@@ -127,7 +126,6 @@ def _caption(question: str) -> str:
 def write_eval_outputs(result: EvalResult, out_dir: str) -> dict[str, str]:
     """report.json (metrics + every prediction) and, for grounding, boxes.png (GT green,
     prediction red) of the first images. Returns {"report": path, "png": path?}."""
-    from perpo_jax import eval as metrics_lib
 
     os.makedirs(out_dir, exist_ok=True)
     gt = result.gt.tolist() if isinstance(result.gt, np.ndarray) else list(result.gt)

@@ -93,7 +93,8 @@ def _safetensors(path):
 
 
 def test_convert_round_trip(tiny_config):
-    from perpo_jax.build import build_mesh, build_model, prepare_data
+    from perpo_jax.models.from_config import build_mesh, build_model
+    from perpo_jax.data.prepare import prepare_data
     from perpo_jax.config import load_config
     from perpo_jax.hf import save_pretrained
 
@@ -122,11 +123,12 @@ def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys):
     import optax
     from flax import nnx
 
-    from perpo_jax.build import build_mesh, build_model, prepare_data
+    from perpo_jax.models.from_config import build_mesh, build_model
+    from perpo_jax.data.prepare import prepare_data
     from perpo_jax.checkpoint import Checkpointer
     from perpo_jax.config import config_to_dict, load_config
     from perpo_jax.hf import load_pretrained
-    from perpo_jax.train.lora import LoRAParam, apply_lora, merge_lora, trainable_filter
+    from perpo_jax.models.lora import LoRAParam, apply_lora, merge_lora, trainable_filter
     from perpo_jax.train.state import init_train_state
 
     root, config = tiny_config

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from perpo_jax import build
+from perpo_jax.data import prepare
 from perpo_jax.config import config_from_dict
 from perpo_jax.rewards import REWARDS, register_reward
 from perpo_jax.train.loop import train
@@ -44,7 +44,7 @@ def tiny_cfg(tmp, *overrides):
 def shared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
     cfg = tiny_cfg(tmp, "data.task=test_digits")
-    data = build.prepare_data(cfg, progress=False)
+    data = prepare.prepare_data(cfg, progress=False)
     return tmp, data
 
 

@@ -10,7 +10,7 @@ from test_scoring import make_batch
 from perpo_jax.config import LoraConfig
 from perpo_jax.mesh import make_mesh, state_shardings
 from perpo_jax.models import LlavaModel, tiny_llava_config
-from perpo_jax.train.lora import LoRA, LoRAParam, apply_lora, lora_slots, merge_lora, trainable_filter
+from perpo_jax.models.lora import LoRA, LoRAParam, apply_lora, lora_slots, merge_lora, trainable_filter
 from perpo_jax.train.state import partition_model, reference_state
 
 LLM_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -15,6 +15,14 @@ from typing import Sequence
 import numpy as np
 
 
+PROMPT_BUCKET = 32  # prompt length rounded up to a multiple of this: few distinct jit shapes
+
+
+def bucketed(n: int, bucket: int = PROMPT_BUCKET) -> int:
+    """`n` rounded up to a multiple of `bucket` (padded widths → few compilations)."""
+    return -(-n // bucket) * bucket
+
+
 class PromptTooLongError(ValueError):
     """A prompt (image tokens included) does not fit the prompt length."""
 

@@ -37,7 +37,7 @@ class Linear(nnx.Module):
     kernel: [*in_shape, *out_shape] (e.g. a query projection [D, N, H]); bias: [*out_shape].
     x: [..., *in_shape] -> y: [..., *out_shape], computed in `dtype`.
 
-    `lora` is the adapter slot (None by default). `perpo_jax.train.lora` sets it to a module
+    `lora` is the adapter slot (None by default). `perpo_jax.models.lora` sets it to a module
     called as `self.lora(x)` with the SAME input x ([..., *in_shape]) that must return
     [..., *out_shape]; its output is added to y. Nothing else here knows about training.
     """

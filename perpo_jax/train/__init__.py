@@ -1,6 +1,6 @@
 """Training: LoRA adapters, optimizer, train state and the jitted sharded step."""
 
-from perpo_jax.train.lora import LoRA, LoRAParam, apply_lora, merge_lora, trainable_filter
+from perpo_jax.models.lora import LoRA, LoRAParam, apply_lora, merge_lora, trainable_filter
 from perpo_jax.train.optim import make_optimizer, make_schedule
 from perpo_jax.train.state import (
     ModelParts,

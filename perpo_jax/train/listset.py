@@ -21,10 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from perpo_jax.atomic import atomic_file
-from perpo_jax.data.batching import pad_prompts, pad_responses
+from perpo_jax.data.batching import bucketed, pad_prompts, pad_responses
 from perpo_jax.rewards import build_lists
 
-PROMPT_BUCKET = 32  # prompt length rounded up to a multiple of this: few distinct jit shapes
 
 
 @dataclasses.dataclass
@@ -83,10 +82,6 @@ class ListSet:
             arrays = {k: z[k] for k in z.files if not k.startswith("stat__")}
             stats = {k[len("stat__"):]: float(z[k]) for k in z.files if k.startswith("stat__")}
         return cls(arrays, stats)
-
-
-def bucketed(n: int, bucket: int = PROMPT_BUCKET) -> int:
-    return -(-n // bucket) * bucket
 
 
 def _prompt_arrays(processor, examples, max_prompt: int) -> dict[str, np.ndarray]:

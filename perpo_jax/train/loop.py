@@ -32,15 +32,18 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from perpo_jax.checkpoint import Checkpointer, PreemptionGuard
 from perpo_jax.config import Config, ConfigError, config_to_dict
+from perpo_jax.data import prepare
 from perpo_jax.data.loader import ShardedLoader
+from perpo_jax.models import from_config
 from perpo_jax.models.config import as_jnp_dtype
+from perpo_jax.models.lora import LoRAParam, apply_lora
 from perpo_jax.train import rounds
 from perpo_jax.train.hosts import global_max, to_global
 from perpo_jax.train.listset import ListSet
-from perpo_jax.train.lora import LoRAParam, apply_lora
 from perpo_jax.train.optim import make_optimizer
 from perpo_jax.train.run_log import RunLog, plot_curves
 from perpo_jax.train.state import (create_train_state, partition_model, reference_state,
@@ -215,16 +218,14 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
           stop_at_step: int | None = None) -> TrainResult:
     """Runs (or resumes) the configured training; see the module docstring.
 
-    data / model / mesh: pre-built objects (`perpo_jax.build`), e.g. an SFT model to align
+    data / model / mesh: pre-built objects (`perpo_jax.data.prepare`, `perpo_jax.models.from_config`), e.g. an SFT model to align
     (LoRA is attached to it in place when enabled: pass a clone to keep the original);
     built from `cfg` when None. stop_at_step: stop after this global step with a checkpoint,
     exactly as a SIGTERM would (for tests and time-boxed jobs).
     """
-    from perpo_jax import build
-
-    mesh = mesh if mesh is not None else build.build_mesh(cfg)
-    data = data if data is not None else build.prepare_data(cfg, progress=progress)
-    model = model if model is not None else build.build_model(cfg, mesh, data.processor)
+    mesh = mesh if mesh is not None else from_config.build_mesh(cfg)
+    data = data if data is not None else prepare.prepare_data(cfg, progress=progress)
+    model = model if model is not None else from_config.build_model(cfg, mesh, data.processor)
     trainer = _Trainer(cfg, data, model, mesh)
     loader = ShardedLoader(data.train, cfg.sampling.prompts_per_round, seed=cfg.data.seed,
                            process_index=jax.process_index(), process_count=jax.process_count())
@@ -272,14 +273,12 @@ class _Run:
 
     def round(self, r: int, position: dict, guard) -> dict:
         """Runs round r from `position` (maybe mid-round); returns the position after it."""
-        from perpo_jax.build import record_example
-
         cfg, trainer = self.cfg, self.trainer
         inside = position["step_in_round"] > 0
         if inside:  # the round's prompts and lists are reused, never re-sampled
             self.loader.restore(position["loader_at_round_start"])
         start_state = self.loader.state()
-        examples = [record_example(rec) for rec in next(self.loader)]
+        examples = [prepare.record_example(rec) for rec in next(self.loader)]
         path = _lists_path(cfg.train.out_dir, r)
         if inside:
             if not os.path.exists(path):
@@ -317,8 +316,6 @@ class _Run:
 def _progress(enabled: bool, total: int, initial: int):
     if not enabled or jax.process_index() != 0:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 

@@ -10,9 +10,12 @@ import jax
 import numpy as np
 
 from perpo_jax.config import Config
+from perpo_jax.data.batching import PromptTooLongError, bucketed
+from perpo_jax.data.prepare import prompt_batch_for
 from perpo_jax.rewards import get_reward
+from perpo_jax.sampling import sample
 from perpo_jax.train.hosts import global_max, local_rows, to_global
-from perpo_jax.train.listset import (ListSet, bucketed, lists_from_candidates,
+from perpo_jax.train.listset import (ListSet, lists_from_candidates,
                                      lists_from_ground_truth)
 
 
@@ -48,17 +51,22 @@ def repeat_target(gt, b: int, k: int):
 
 def sample_round_lists(cfg: Config, processor, model, mesh, examples, round_index: int) -> ListSet:
     """Samples K candidates per prompt (prefill shared by the K), rewards them on this host,
-    builds the round's lists. Prompts are padded to the longest (rounded up to 32 tokens,
-    the same on every host)."""
-    from perpo_jax.build import prompt_batch_for
-    from perpo_jax.sampling import sample
-
+    builds the round's lists. Prompts are padded to the longest of the round (rounded up to
+    `PROMPT_BUCKET` tokens, the same on every host)."""
     tok = processor.tokenizer
     k = cfg.sampling.num_samples
     max_prompt = cfg.train.max_length - cfg.sampling.max_new_tokens
-    prompts = prompt_batch_for(examples, processor, max_prompt)  # raises if one is too long
-    width = global_max({"p": bucketed(prompts["prompt_ids"].shape[1])})["p"]
-    prompts = ListSet(prompts, {}).with_prompt_length(min(width, max_prompt), tok.pad_token_id or 0).arrays
+    # Padded to the batch's longest prompt (bucketed, the same on every host), not to
+    # max_prompt: prefill and every decode step's attention scale with this width.
+    prompts = prompt_batch_for(examples, processor, None)
+    longest = prompts["prompt_ids"].shape[1]
+    if longest > max_prompt:
+        raise PromptTooLongError(
+            f"a prompt of this round has {longest} tokens (image tokens included) > "
+            f"train.max_length - sampling.max_new_tokens = {cfg.train.max_length} - "
+            f"{cfg.sampling.max_new_tokens} = {max_prompt}: raise train.max_length")
+    width = min(global_max({"p": bucketed(longest)})["p"], max_prompt)
+    prompts = ListSet(prompts, {}).with_prompt_length(width, tok.pad_token_id or 0).arrays
     # The same key on every host (one jitted program); rows get their own streams inside.
     rng = jax.random.fold_in(jax.random.key(cfg.train.seed), round_index)
     t0 = time.perf_counter()

@@ -10,6 +10,8 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
+from matplotlib.figure import Figure  # no pyplot: no global backend state
+
 from perpo_jax.atomic import atomic_file
 
 CURVES = ("loss", "pair_accuracy", "mean_reward")
@@ -81,12 +83,8 @@ def _plain(value):
 def plot_curves(rows: Sequence[Mapping], path: str, names: Sequence[str] = CURVES,
                 title: str = "") -> None:
     """One panel per metric name against `step`; rows missing a name are skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(names), 3.2))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
         if pts:
@@ -100,4 +98,3 @@ def plot_curves(rows: Sequence[Mapping], path: str, names: Sequence[str] = CURVE
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)

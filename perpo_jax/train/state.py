@@ -21,7 +21,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from perpo_jax.mesh import state_shardings
-from perpo_jax.train.lora import LoRAParam, trainable_filter
+from perpo_jax.models.lora import LoRAParam, trainable_filter
 
 
 @struct.dataclass

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perpo_jax import eval as ev
+from perpo_jax import metrics as ev
 
 
 def test_grounding_metrics_hand_computed():

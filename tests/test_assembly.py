@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from perpo_jax import build
+from perpo_jax.data import prepare
+from perpo_jax.models import from_config
 from perpo_jax.config import ConfigError, load_config
 
 TINY = ["model.tiny={hidden_size: 32, num_layers: 1}", "lora.enabled=false",
@@ -19,7 +20,7 @@ def tiny_cfg(data_dir, *extra):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     cfg = tiny_cfg(tmp_path_factory.mktemp("data"))
-    return cfg, build.prepare_data(cfg, progress=False)
+    return cfg, prepare.prepare_data(cfg, progress=False)
 
 
 def _files_with_mtimes(root):
@@ -32,18 +33,18 @@ def test_prepare_data_is_idempotent(prepared):
     assert (len(data.train), len(data.val)) == (16, 8)
     assert data.task == "grounding" and os.path.isdir(data.processor_dir)
     before = _files_with_mtimes(cfg.data.data_dir)
-    again = build.prepare_data(cfg, progress=False)
+    again = prepare.prepare_data(cfg, progress=False)
     assert _files_with_mtimes(cfg.data.data_dir) == before  # nothing regenerated
     assert again.processor_dir == data.processor_dir
     assert again.processor.tokenizer.get_vocab() == data.processor.tokenizer.get_vocab()
-    first, second = build.record_example(data.val[3]), build.record_example(again.val[3])
+    first, second = prepare.record_example(data.val[3]), prepare.record_example(again.val[3])
     assert first.question == second.question and np.array_equal(first.image, second.image)
 
 
 def test_scene_knobs_reach_the_builder(tmp_path):
     """data.min_objects / max_objects / relations are the builder's settings and its name."""
     cfg = tiny_cfg(tmp_path, "data.min_objects=1", "data.max_objects=2", "data.relations=false")
-    builder, _ = build._build_dataset(cfg)
+    builder, _ = prepare._build_dataset(cfg)
     bc = builder.builder_config
     assert (bc.min_objects, bc.max_objects, bc.relations) == (1, 2, False)
     assert bc.name.endswith("_obj1-2_norel")
@@ -54,21 +55,21 @@ def test_scene_knobs_reach_the_builder(tmp_path):
 def test_processor_image_tokens_match_tiny_model(prepared):
     cfg, data = prepared
     proc = data.processor
-    model_cfg = build.tiny_model_config(cfg, proc)
+    model_cfg = from_config.tiny_model_config(cfg, proc)
     assert model_cfg.vision.image_size == 32 and model_cfg.text.hidden_size == 32
     assert model_cfg.image_token_id == proc.image_token_id
     assert model_cfg.text.vocab_size == len(proc.tokenizer)
-    example = build.record_example(data.train[0])
+    example = prepare.record_example(data.train[0])
     ids = proc(example.image, example.question)["prompt_ids"]
     assert int((ids == proc.image_token_id).sum()) == model_cfg.num_image_tokens == 16
 
 
 def test_build_model_forward_on_prompt_batch(prepared):
     cfg, data = prepared
-    mesh = build.build_mesh(cfg)
-    model = build.build_model(cfg, mesh, data.processor)
-    examples = [build.record_example(data.val[i]) for i in range(3)]
-    batch = build.prompt_batch_for(examples, data.processor, None)
+    mesh = from_config.build_mesh(cfg)
+    model = from_config.build_model(cfg, mesh, data.processor)
+    examples = [prepare.record_example(data.val[i]) for i in range(3)]
+    batch = prepare.prompt_batch_for(examples, data.processor, None)
     b, p = batch["prompt_ids"].shape
     assert batch["prompt_ids"].dtype == np.int32 and batch["prompt_mask"].dtype == bool
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
@@ -76,7 +77,7 @@ def test_build_model_forward_on_prompt_batch(prepared):
     assert logits.shape == (b, p, len(data.processor.tokenizer))
     assert np.isfinite(np.asarray(logits)).all()
     # same seed, same weights: the model is a function of the config
-    again = build.build_model(cfg, mesh, data.processor)
+    again = from_config.build_model(cfg, mesh, data.processor)
     np.testing.assert_array_equal(np.asarray(again(batch["prompt_ids"], batch["prompt_mask"],
                                                     batch["pixel_values"])), np.asarray(logits))
 
@@ -84,36 +85,36 @@ def test_build_model_forward_on_prompt_batch(prepared):
 def test_model_processor_mismatch_names_both(prepared):
     cfg, data = prepared
     proc = data.processor
-    good = build.tiny_model_config(cfg, proc)
+    good = from_config.tiny_model_config(cfg, proc)
     wrong_id = good.replace(image_token_id=proc.image_token_id - 1)
-    with pytest.raises(build.ModelProcessorMismatch,
+    with pytest.raises(from_config.ModelProcessorMismatch,
                        match=f"image_token_id={proc.image_token_id - 1}.*{proc.image_token_id}"):
-        build.check_model_processor(wrong_id, proc)
+        from_config.check_model_processor(wrong_id, proc)
     small = good.replace(text=good.text.replace(vocab_size=len(proc.tokenizer) - 1))
-    with pytest.raises(build.ModelProcessorMismatch, match=f"vocab_size={len(proc.tokenizer) - 1}"):
-        build.check_model_processor(small, proc)
+    with pytest.raises(from_config.ModelProcessorMismatch, match=f"vocab_size={len(proc.tokenizer) - 1}"):
+        from_config.check_model_processor(small, proc)
 
 
 def test_bad_tiny_key_is_a_config_error(prepared):
     cfg, _ = prepared
     bad = load_config(None, TINY + ["model.tiny={hidden_size: 32, layers: 1}"])
     with pytest.raises(ConfigError, match="model.tiny.layers"):
-        build.tiny_geometry(bad)
+        from_config.tiny_geometry(bad)
     reserved = load_config(None, TINY + ["model.tiny={dtype: bfloat16}"])
     with pytest.raises(ConfigError, match="model.tiny.dtype"):
-        build.tiny_geometry(reserved)
+        from_config.tiny_geometry(reserved)
 
 
 def test_record_example_decodes_bytes_boxes_and_lists():
     image = np.zeros((8, 8, 3), np.uint8)
-    grounding = build.record_example({"image": image, "question": b"where is it?",
+    grounding = prepare.record_example({"image": image, "question": b"where is it?",
                                       "answer": b"[0.10, 0.20, 0.30, 0.40]",
                                       "box": np.array([0.1, 0.2, 0.3, 0.4], np.float32)})
     assert grounding.question == "where is it?" and isinstance(grounding.answer, str)
     assert grounding.box.dtype == np.float32 and grounding.responses is None
-    ocr = build.record_example({"image": image, "question": b"text?", "answer": "ab\ncd".encode()})
+    ocr = prepare.record_example({"image": image, "question": b"text?", "answer": "ab\ncd".encode()})
     assert ocr.answer == "ab\ncd" and ocr.box is None and ocr.rewards is None
-    lists = build.record_example({
+    lists = prepare.record_example({
         "image": image, "question": b"q", "answer": b"[0.50, 0.50, 1.00, 1.00]",
         "candidates": np.array([b"[0.5, 0.5, 1, 1]", "[0, 0, 0.1, 0.1]".encode()], dtype=object),
         "scores": [1.0, 0.0]})
@@ -121,7 +122,7 @@ def test_record_example_decodes_bytes_boxes_and_lists():
     np.testing.assert_allclose(lists.box, [0.5, 0.5, 1.0, 1.0])
     assert lists.rewards.dtype == np.float32 and lists.rewards.tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="HWC uint8"):
-        build.record_example({"image": image.astype(np.float32), "question": b"q", "answer": b"a"})
+        prepare.record_example({"image": image.astype(np.float32), "question": b"q", "answer": b"a"})
 
 
 def test_official_lists_source_has_train_lists_and_no_val(tmp_path):
@@ -138,35 +139,35 @@ def test_official_lists_source_has_train_lists_and_no_val(tmp_path):
     (tmp_path / "lists.json").write_text(json.dumps([entry, dict(entry, image_id=2)], indent=2))
     cfg = tiny_cfg(tmp_path / "data", "data.source=official_json",
                    f"data.path={tmp_path / 'lists.json'}", f"data.image_dir={tmp_path / 'img'}")
-    data = build.prepare_data(cfg, progress=False)
+    data = prepare.prepare_data(cfg, progress=False)
     assert len(data.train) == 2 and data.val is None
-    example = build.record_example(data.train[1])
+    example = prepare.record_example(data.train[1])
     assert example.responses == entry["answers_gen"] and example.image.shape == (30, 40, 3)
     np.testing.assert_allclose(example.box, [0.1, 0.2, 0.5, 0.6])
-    batch = build.prompt_batch_for([example], data.processor, None)
+    batch = prepare.prompt_batch_for([example], data.processor, None)
     assert batch["pixel_values"].shape == (1, 3, 32, 32)  # resized to the tiny model's input
     missing = tiny_cfg(tmp_path / "data", "data.source=official_json",
                        f"data.path={tmp_path / 'nope.json'}", f"data.image_dir={tmp_path}")
     with pytest.raises(ConfigError, match="data.path"):
-        build.prepare_data(missing, progress=False)
+        prepare.prepare_data(missing, progress=False)
 
 
 def test_hf_path_model_and_processor_come_from_the_checkpoint(prepared, tmp_path):
     from perpo_jax.hf import save_pretrained
 
     cfg, data = prepared
-    mesh = build.build_mesh(cfg)
-    hf_dir = save_pretrained(build.build_model(cfg, mesh, data.processor), str(tmp_path / "hf"),
+    mesh = from_config.build_mesh(cfg)
+    hf_dir = save_pretrained(from_config.build_model(cfg, mesh, data.processor), str(tmp_path / "hf"),
                              source_dir=data.processor_dir)
     os.remove(os.path.join(hf_dir, "perpo_processor.json"))  # as a transformers-made dir
     hf_cfg = tiny_cfg(cfg.data.data_dir, f"model.hf_path={hf_dir}", "model.remat=true")
-    hf_data = build.prepare_data(hf_cfg, progress=False)
+    hf_data = prepare.prepare_data(hf_cfg, progress=False)
     assert hf_data.processor_dir is None
     proc, ref = hf_data.processor, data.processor
     assert proc.tokenizer.get_vocab() == ref.tokenizer.get_vocab()
     assert proc.image_token_id == ref.image_token_id and proc.num_image_tokens(32, 32) == 16
-    model = build.build_model(hf_cfg, mesh, proc)
+    model = from_config.build_model(hf_cfg, mesh, proc)
     assert model.config.text.remat and model.language_model.config.remat
-    example = build.record_example(hf_data.val[0])
+    example = prepare.record_example(hf_data.val[0])
     np.testing.assert_array_equal(proc(example.image, example.question)["prompt_ids"],
                                   ref(example.image, example.question)["prompt_ids"])

@@ -1,0 +1,118 @@
+"""Models from checkpoints, and converted params checkpoints.
+
+Two layouts are read:
+ * a training checkpoint (`perpo_jax.checkpoint.Checkpointer` root or one step dir): item
+   `train_state` whose `params` are the trainable variables (LoRA adapters, or every Param);
+   the rest of the model is rebuilt from the config (tiny init / model.hf_path);
+ * a converted params checkpoint (`save_params_checkpoint`): `params/` (orbax, every Param)
+   next to an HF `config.json` and the tokenizer/processor files.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from perpo_jax.atomic import atomic_dir
+from perpo_jax.checkpoint import STATE_ITEM, Checkpointer, restore_target
+from perpo_jax.config import Config
+from perpo_jax.hf import CheckpointError, read_config
+from perpo_jax.hf.config_map import config_to_hf
+from perpo_jax.hf.save import copy_side_files
+from perpo_jax.mesh import make_mesh, state_shardings
+from perpo_jax.models import build_model as new_model
+from perpo_jax.models.config import as_jnp_dtype
+from perpo_jax.models.from_config import build_model, check_model_processor, place_on_mesh
+from perpo_jax.models.lora import apply_lora, trainable_filter
+from perpo_jax.models.lora import merge_lora as merge_adapters
+
+
+PARAMS_ITEM = "params"
+
+
+def is_params_checkpoint(path: str) -> bool:
+    """True for a directory written by `save_params_checkpoint`."""
+    return (os.path.isdir(os.path.join(path, PARAMS_ITEM))
+            and os.path.isfile(os.path.join(path, "config.json")))
+
+
+def _train_state_dir(path: str) -> str:
+    """The `train_state` item of a step dir, or of the latest finalised step of a root."""
+    if os.path.isdir(os.path.join(path, STATE_ITEM)):
+        return os.path.join(path, STATE_ITEM)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with Checkpointer(path, save_every=1, async_save=False) as ckpt:
+        step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"checkpoint {path} holds no finalised step and is not a "
+                                "converted params checkpoint")
+    return os.path.join(path, str(step), STATE_ITEM)
+
+
+def _restore_params(item_dir: str, abstract_params, mesh):
+    """Restores the `params` entry of an orbax pytree item onto `abstract_params`' shapes and
+    dtypes, sharded over `mesh` (the other entries, e.g. optimizer moments, are not read)."""
+    target = {"params": restore_target(abstract_params, state_shardings(abstract_params, mesh))}
+    args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(item_dir, args=args)["params"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"params in {item_dir} do not match the model built from the "
+                              f"config (model.tiny / model.hf_path / lora settings?): {e}") from e
+
+
+def _default_mesh(mesh):
+    """`mesh`, or a one-device mesh (restores need a sharding to land on)."""
+    return mesh if mesh is not None else make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def model_from_checkpoint(cfg: Config, path: str, mesh, processor, *, merge_lora: bool = True):
+    """The model saved at `path` (either layout above), on `mesh`.
+
+    Training checkpoints rebuild the model with `build_model(cfg, ...)` (+ LoRA adapters when
+    `lora.enabled`) and overwrite its trainable variables; `merge_lora` folds the adapters in.
+    `processor` may be None for a converted checkpoint (no agreement check then).
+    """
+    mesh = _default_mesh(mesh)
+    if is_params_checkpoint(path):
+        model = _restore_converted(cfg, path, mesh)
+    else:
+        model = build_model(cfg, mesh, processor)
+        if cfg.lora.enabled:
+            place_on_mesh(apply_lora(model, cfg.lora, nnx.Rngs(cfg.train.seed)), mesh)
+        trainable = nnx.state(model, trainable_filter(cfg.lora))
+        nnx.update(model, _restore_params(_train_state_dir(path), trainable, mesh))
+        if merge_lora and cfg.lora.enabled:
+            merge_adapters(model)
+    if processor is not None:
+        check_model_processor(model.config, processor)
+    return model
+
+
+def _restore_converted(cfg: Config, path: str, mesh):
+    config = read_config(path, as_jnp_dtype(cfg.model.dtype))
+    abstract = nnx.eval_shape(lambda: new_model(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    params = _restore_params(os.path.join(path, PARAMS_ITEM), abstract_params, mesh)
+    return nnx.merge(graphdef, params)
+
+
+def save_params_checkpoint(model, out_dir: str, *, source_dir: str | None = None) -> str:
+    """Every `nnx.Param` of `model` (orbax, `params/`) + its HF `config.json` + the
+    tokenizer/processor files of `source_dir`, written to a temp dir renamed to `out_dir`."""
+    out_dir = os.path.abspath(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(tmp, PARAMS_ITEM), {"params": nnx.state(model, nnx.Param)})
+            checkpointer.wait_until_finished()
+        if source_dir:
+            copy_side_files(source_dir, tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_to_hf(model.config), f, indent=2, sort_keys=True)
+    return out_dir
