@@ -1,17 +1,30 @@
 """Prompt + image preprocessing for LLaVA-style models, token-identical to `LlavaProcessor`.
 
 For one (image, question[, answer]):
-- the LLaVA-v1 conversation prompt `"{SYSTEM} USER: <image>\\n{question} ASSISTANT:"`;
+- the prompt text, from one of two templates:
+  "llava_v1": the LLaVA-v1 conversation `"{SYSTEM} USER: <image>\\n{question} ASSISTANT:"`
+  (what the official PerPO run trains with);
+  "chat_template": the checkpoint's own chat template, rendered by transformers'
+  `LlavaProcessor.apply_chat_template` for one user turn `[{"type": "image"},
+  {"type": "text", "text": question}]` with `add_generation_prompt=True`;
 - `<image>` expanded to the vision tower's number of image features, computed exactly as
   transformers' `LlavaProcessor` does from the processed pixel grid:
       n = (H // patch) * (W // patch) + num_additional_image_tokens, minus 1 when
       vision_feature_select_strategy == "default" (the CLS feature is dropped);
   (CLIP: num_additional_image_tokens=1, "default"; SigLIP: 0, "full");
-- prompt ids with BOS (the tokenizer's post-processor adds it), never truncated;
-- response ids = tokens of `" " + answer` (the template's space after "ASSISTANT:") + EOS;
-  decoded generations therefore start with a space: strip them before scoring;
-- pixel values NCHW float32 straight from the transformers image processor
-  (`CLIPImageProcessorPil` / `SiglipImageProcessorPil`, which need no torchvision).
+- prompt ids with BOS (the tokenizer's post-processor adds it, unless the rendered template
+  already starts with the BOS text, as `apply_chat_template(tokenize=True)` does), never
+  truncated;
+- response ids = tokens of `answer_prefix + answer` + EOS, where answer_prefix is what the
+  template puts between its generation prompt and the assistant's words: " " for llava_v1
+  (the space after "ASSISTANT:") and for llava-1.5's chat template, "" for ChatML-style
+  templates whose generation prompt ends with a newline. Decoded generations may therefore
+  start with a space: `decode_response` strips it;
+- pixel values [C, H, W] float32 from the checkpoint's transformers image processor
+  (PIL backends, no torchvision; see `image_processing`), after converting the image to RGB.
+
+`LlavaPromptProcessor.from_hf(dir)` builds all of this from a transformers checkpoint
+directory (hub/v4 or transformers-5 layout) or from this project's own export.
 """
 from __future__ import annotations
 
@@ -20,13 +33,22 @@ import os
 from typing import Any
 
 import numpy as np
+from jinja2 import TemplateError
+from PIL import Image
+from transformers import AutoTokenizer, LlavaProcessor
 
 from perpo_jax.atomic import atomic_dir
+from perpo_jax.data.image_processing import (ASPECT_RATIOS, load_image_processor, to_rgb_image,
+                                             with_aspect_ratio)
+from perpo_jax.hf import read_config
+from perpo_jax.models import LlavaConfig
 
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's "
                    "questions.")
+TEMPLATES = ("auto", "chat_template", "llava_v1")
 _CONFIG_NAME = "perpo_processor.json"
+_ANSWER_MARK = "<<perpo-answer>>"
 
 
 def llava_v1_prompt(question: str, image_token: str = "<image>") -> str:
@@ -34,8 +56,17 @@ def llava_v1_prompt(question: str, image_token: str = "<image>") -> str:
     return f"{LLAVA_V1_SYSTEM} USER: {image_token}\n{question} ASSISTANT:"
 
 
+def _user_turn(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def _single_template(template) -> str | None:
+    """A chat template string from transformers' str | {name: str} | None forms."""
+    return template.get("default") if isinstance(template, dict) else template
+
+
 class LlavaPromptProcessor:
-    """Tokenizer + image processor + the LlavaProcessor image-token rule.
+    """Tokenizer + image processor + prompt template + the LlavaProcessor image-token rule.
 
     Args:
       tokenizer: a transformers tokenizer whose vocabulary has `image_token` and EOS.
@@ -43,16 +74,25 @@ class LlavaPromptProcessor:
       patch_size: the vision tower's patch size (pixels).
       vision_feature_select_strategy: "default" (drop CLS) or "full".
       num_additional_image_tokens: extra vision features besides patches (CLIP CLS: 1).
+      template: "llava_v1", "chat_template", or "auto" (chat_template when there is one).
+      chat_template: the Jinja chat template; defaults to the tokenizer's.
+      image_aspect_ratio: "checkpoint" (use `image_processor` as is), "pad" or "crop"
+        (see `image_processing.with_aspect_ratio`).
     """
 
     def __init__(self, tokenizer, image_processor, *, patch_size: int,
                  vision_feature_select_strategy: str = "default",
-                 num_additional_image_tokens: int = 1, image_token: str = "<image>"):
+                 num_additional_image_tokens: int = 1, image_token: str = "<image>",
+                 template: str = "llava_v1", chat_template: str | None = None,
+                 image_aspect_ratio: str = "checkpoint"):
         if vision_feature_select_strategy not in ("default", "full"):
             raise ValueError("vision_feature_select_strategy must be 'default' or 'full', got "
                              f"{vision_feature_select_strategy!r}")
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        self.image_processor = with_aspect_ratio(image_processor, image_aspect_ratio)
+        self.image_aspect_ratio = image_aspect_ratio
         self.patch_size = patch_size
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.num_additional_image_tokens = num_additional_image_tokens
@@ -62,6 +102,21 @@ class LlavaPromptProcessor:
             raise ValueError(f"tokenizer has no token {image_token!r}")
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer has no eos_token")
+        chat_template = chat_template or _single_template(getattr(tokenizer, "chat_template", None))
+        if template == "auto":
+            template = "chat_template" if chat_template else "llava_v1"
+        if template == "chat_template" and not chat_template:
+            raise ValueError("template='chat_template' but neither the checkpoint nor its "
+                             "tokenizer has a chat template")
+        self.template = template
+        self.chat_template = chat_template if template == "chat_template" else None
+        # transformers' own renderer, so prompts are exactly what LlavaProcessor users get.
+        self._chat = None if self.chat_template is None else LlavaProcessor(
+            image_processor=self.image_processor, tokenizer=tokenizer, patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            num_additional_image_tokens=num_additional_image_tokens,
+            chat_template=self.chat_template, image_token=image_token)
+        self.answer_prefix = " " if self._chat is None else self._chat_answer_prefix()
 
     # ------------------------------------------------------------------ pieces
 
@@ -72,19 +127,32 @@ class LlavaPromptProcessor:
         return n - 1 if self.vision_feature_select_strategy == "default" else n
 
     def pixel_values(self, images: list[Any]) -> np.ndarray:
-        """[N, C, H, W] float32 from a list of PIL images / HWC uint8 arrays."""
-        out = self.image_processor(images=list(images), return_tensors="np")["pixel_values"]
+        """[N, C, H, W] float32 from a list of PIL images (any mode) / uint8 [H, W(, C)] arrays."""
+        rgb = [to_rgb_image(image) for image in images]
+        out = self.image_processor(images=rgb, return_tensors="np")["pixel_values"]
         return np.asarray(out, dtype=np.float32)
 
+    def prompt_text(self, question: str) -> str:
+        """The template's prompt for `question`, with one unexpanded image token."""
+        if self._chat is None:
+            return llava_v1_prompt(question, self.image_token)
+        return self._chat.apply_chat_template(_user_turn(question), add_generation_prompt=True)
+
     def encode_prompt(self, question: str, height: int, width: int) -> np.ndarray:
-        """[P] int32: BOS + LLaVA-v1 prompt with `<image>` expanded for an H x W input."""
-        text = llava_v1_prompt(question, self.image_token)
-        text = text.replace(self.image_token, self.image_token * self.num_image_tokens(height, width))
-        return np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int32)
+        """[P] int32: BOS + prompt with `<image>` expanded for an H x W processed image."""
+        text = self.prompt_text(question)
+        expanded = self.image_token * self.num_image_tokens(height, width)
+        text = text.replace(self.image_token, expanded)
+        # A template that writes the BOS text itself must not get a second one (transformers'
+        # apply_chat_template(tokenize=True) rule); llava_v1 never does.
+        bos = self.tokenizer.bos_token
+        add_bos = not (bos and text.startswith(bos))
+        return np.asarray(self.tokenizer(text, add_special_tokens=add_bos)["input_ids"],
+                          dtype=np.int32)
 
     def encode_response(self, answer: str) -> np.ndarray:
-        """[R] int32: tokens of `" " + answer` followed by EOS."""
-        ids = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        """[R] int32: tokens of `answer_prefix + answer` followed by EOS."""
+        ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
         return np.asarray(list(ids) + [self.tokenizer.eos_token_id], dtype=np.int32)
 
     def decode_response(self, ids) -> str:
@@ -103,6 +171,93 @@ class LlavaPromptProcessor:
             out["response_ids"] = self.encode_response(answer)
         return out
 
+    def _chat_answer_prefix(self) -> str:
+        """What the chat template writes between its generation prompt and the assistant's
+        words, read off a rendered two-turn conversation ("" when the assistant turn does not
+        continue the generation prompt, or the template cannot render one)."""
+        user = _user_turn("?")
+        prompt = self._chat.apply_chat_template(user, add_generation_prompt=True)
+        answer = [{"role": "assistant", "content": [{"type": "text", "text": _ANSWER_MARK}]}]
+        try:
+            full = self._chat.apply_chat_template(user + answer)
+        except (TemplateError, ValueError, TypeError):
+            return ""
+        if not full.startswith(prompt) or _ANSWER_MARK not in full[len(prompt):]:
+            return ""
+        return full[len(prompt): full.index(_ANSWER_MARK, len(prompt))]
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_hf(cls, hf_dir: str, template: str = "auto", image_aspect_ratio: str = "checkpoint",
+                tokenizer_path: str | None = None) -> "LlavaPromptProcessor":
+        """The processor of a LLaVA checkpoint directory, as transformers builds it.
+
+        Reads the image processor the checkpoint names (`image_processing.load_image_processor`),
+        the tokenizer (from `tokenizer_path` when given), the chat template (chat_template.jinja,
+        chat_template.json or processor_config.json, else the tokenizer's) and the image-token
+        settings (processor_config.json, falling back to config.json: patch size, feature
+        strategy, +1 CLS feature for CLIP). This project's exports (with perpo_processor.json)
+        load as saved; a template / image_aspect_ratio other than "auto" / "checkpoint"
+        overrides what they saved.
+
+        Args:
+          template: "auto" | "chat_template" | "llava_v1".
+          image_aspect_ratio: "pad" | "crop" | "checkpoint".
+        Raises FileNotFoundError / ValueError naming the file at fault.
+        """
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        if image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, "
+                             f"got {image_aspect_ratio!r}")
+        if not os.path.isdir(hf_dir):
+            raise FileNotFoundError(f"{hf_dir}: no such checkpoint directory")
+        tokenizer = _load_tokenizer(tokenizer_path) if tokenizer_path else None
+        if os.path.isfile(os.path.join(hf_dir, _CONFIG_NAME)):
+            saved = cls.from_pretrained(hf_dir)
+            tokenizer = tokenizer or saved.tokenizer
+            return cls(tokenizer, saved.image_processor, patch_size=saved.patch_size,
+                       vision_feature_select_strategy=saved.vision_feature_select_strategy,
+                       num_additional_image_tokens=saved.num_additional_image_tokens,
+                       image_token=saved.image_token,
+                       template=saved.template if template == "auto" else template,
+                       chat_template=saved.chat_template,
+                       image_aspect_ratio=(saved.image_aspect_ratio
+                                           if image_aspect_ratio == "checkpoint"
+                                           else image_aspect_ratio))
+        model = read_config(hf_dir)
+        if not isinstance(model, LlavaConfig):
+            raise ValueError(f"{hf_dir}/config.json: not a LLaVA checkpoint")
+        # processor_config.json and chat template files, exactly as LlavaProcessor reads them.
+        try:
+            settings, _ = LlavaProcessor.get_processor_dict(hf_dir, local_files_only=True)
+        except OSError as e:  # e.g. a processor_config.json that is not JSON
+            raise ValueError(f"{hf_dir}: {e}") from e
+        tokenizer = tokenizer or _load_tokenizer(hf_dir)
+        chat_template = (_single_template(settings.get("chat_template"))
+                         or _single_template(getattr(tokenizer, "chat_template", None)))
+        if template == "chat_template" and not chat_template:
+            raise ValueError(
+                f"{hf_dir}: template='chat_template' but the checkpoint has no chat template "
+                "(no chat_template.jinja, chat_template.json, 'chat_template' in "
+                "processor_config.json, or tokenizer chat_template)")
+        extra = settings.get("num_additional_image_tokens")
+        if extra is None:  # older processor configs omit it; the CLIP CLS feature is one
+            extra = 1 if model.vision.family == "clip" else 0
+        processor = cls(
+            tokenizer, load_image_processor(hf_dir),
+            patch_size=settings.get("patch_size") or model.vision.patch_size,
+            vision_feature_select_strategy=(settings.get("vision_feature_select_strategy")
+                                            or model.vision_feature_select_strategy),
+            num_additional_image_tokens=extra,
+            image_token=(getattr(tokenizer, "image_token", None) or settings.get("image_token")
+                         or "<image>"),
+            template=template, chat_template=chat_template,
+            image_aspect_ratio=image_aspect_ratio)
+        _check_geometry(processor, model, hf_dir)
+        return processor
+
     # ------------------------------------------------------------------ persistence
 
     def save_pretrained(self, out_dir: str) -> None:
@@ -114,19 +269,41 @@ class LlavaPromptProcessor:
                 json.dump({"patch_size": self.patch_size,
                            "vision_feature_select_strategy": self.vision_feature_select_strategy,
                            "num_additional_image_tokens": self.num_additional_image_tokens,
-                           "image_token": self.image_token}, f, indent=2)
+                           "image_token": self.image_token,
+                           "template": self.template,
+                           "chat_template": self.chat_template,
+                           "image_aspect_ratio": self.image_aspect_ratio}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "LlavaPromptProcessor":
-        """Load what `save_pretrained` wrote (PIL-backend image processors, no torchvision)."""
-        from transformers import AutoTokenizer, CLIPImageProcessorPil, SiglipImageProcessorPil
+        """Load what `save_pretrained` wrote (PIL-backend image processors, no torchvision).
 
+        Directories saved before templates existed load with the llava_v1 template."""
         config_file = os.path.join(path, _CONFIG_NAME)
         if not os.path.exists(config_file):
             raise FileNotFoundError(f"{config_file} not found: not a saved LlavaPromptProcessor")
         with open(config_file) as f:
             settings = json.load(f)
-        with open(os.path.join(path, "preprocessor_config.json")) as f:
-            kind = json.load(f).get("image_processor_type", "")
-        image_cls = SiglipImageProcessorPil if "Siglip" in kind else CLIPImageProcessorPil
-        return cls(AutoTokenizer.from_pretrained(path), image_cls.from_pretrained(path), **settings)
+        # The saved image processor already has its aspect-ratio mode applied; re-applying it
+        # is a no-op, so the mode is kept only as a label.
+        return cls(_load_tokenizer(path), load_image_processor(path), **settings)
+
+
+def _load_tokenizer(path: str):
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot load a tokenizer: {e}") from e
+
+
+def _check_geometry(processor: LlavaPromptProcessor, model: LlavaConfig, hf_dir: str) -> None:
+    """The prompt must hold exactly as many image tokens as the vision tower gives features."""
+    height, width = processor.pixel_values([Image.new("RGB", (4, 3))]).shape[-2:]
+    got = processor.num_image_tokens(height, width)
+    if got != model.num_image_tokens:
+        raise ValueError(
+            f"{hf_dir}: the processor gives {got} image tokens per image ({height}x{width} "
+            f"pixels, patch {processor.patch_size}, strategy "
+            f"{processor.vision_feature_select_strategy!r}, "
+            f"+{processor.num_additional_image_tokens} extra) but config.json's vision tower "
+            f"gives {model.num_image_tokens} features")
