@@ -282,6 +282,23 @@ def test_official_lists_errors_name_the_line_and_skip_reports(tmp_path):
     assert "tensorflow" not in sys.modules
 
 
+def test_official_lists_strip_eos_and_keep_answers_and_scores(tmp_path):
+    """As the official reader: every "</s>" leaves the question; answer / scores stay as given."""
+    _write_images(tmp_path / "img")
+    item = {"image_id": 7, "image_path": "COCO/a.jpg",
+            "question": "Please provide the bounding box coordinate of the region this sentence "
+                        "describes: glass behind burger</s>",
+            "answer": "[0.61, 0.1, 0.77, 0.54]</s>",
+            "answers_gen": ["[0.61, 0.17, 0.77, 0.53]", "[0.26, 0.17, 0.48, 0.45]"],
+            "iou_scores": [0.8003244239631337, 0.0]}
+    path = tmp_path / "lists.jsonl"
+    path.write_text(json.dumps(item) + "\n")
+    (r,), _ = refcoco_style.read_official_lists(str(path), str(tmp_path / "img"))
+    assert r.question == item["question"][:-len("</s>")]
+    assert r.answer == item["answer"]  # never rewritten
+    assert r.scores.tolist() == np.float32(item["iou_scores"]).tolist()  # never recomputed
+
+
 def _refcoco_file(tmp_path):
     lines = [
         {"image": "COCO/a.jpg", "bbox": [4, 6, 10, 12], "sentence": "left cat", "split": "train",
@@ -327,6 +344,27 @@ def test_refcoco_jsonl_reader_and_builder(tmp_path):
                                                     skip_invalid=True)
     assert again == built_skipped
     assert "tensorflow" not in sys.modules
+
+
+def test_refcoco_builder_box_frame(tmp_path):
+    """The padded frame is its own dataset; box and answer both move, the image does not."""
+    _write_images(tmp_path / "img")
+    path, root = _refcoco_file(tmp_path), str(tmp_path / "img")
+    tfds_dir = str(tmp_path / "tfds")
+    original, _ = refcoco_builders.build_refcoco_style(tfds_dir, path, root, skip_invalid=True)
+    padded, _ = refcoco_builders.build_refcoco_style(tfds_dir, path, root, skip_invalid=True,
+                                                     box_frame="padded")
+    assert original.data_dir != padded.data_dir and "padded" in padded.builder_config.name
+    x = padded.as_data_source()["train"][0]
+    # 40x30 image, bbox [4, 6, 10, 12] px: the 40x40 square has the image at y offset 5.
+    want = np.array([4, 11, 14, 23], np.float32) / 40
+    np.testing.assert_allclose(x["box"], want, rtol=1e-6)
+    # 2-decimal text of the padded box (23 / 40 = 0.575 sits on a rounding tie: check within 0.005)
+    answer = [float(v) for v in x["answer"].decode().strip("[]").split(", ")]
+    np.testing.assert_allclose(answer, want, atol=0.005 + 1e-6)
+    np.testing.assert_array_equal(x["image"], original.as_data_source()["train"][0]["image"])
+    with pytest.raises(ValueError, match="box_frame"):
+        refcoco_builders.build_refcoco_style(tfds_dir, path, root, box_frame="square")
 
 
 # ----------------------------------------------------------------------------- OCR

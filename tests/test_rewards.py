@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from perpo_jax.rewards import (DROP_REASONS, REWARDS, build_lists, get_reward, iou_rewards,
                                levenshtein, ocr_rewards, parse_box, register_reward,
                                spread_indices)
+from perpo_jax.rewards.boxes import box_from_frame, box_iou, box_to_frame
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # a copy of shared/data/perpo_official_example.json: a clean clone has no ../shared
@@ -27,6 +28,9 @@ OFFICIAL_EXAMPLE = REPO / "tests" / "data" / "perpo_official_example.json"
     ("box: [ 0 , 0 , 1 , 1 ] and [0.2, 0.2, 0.3, 0.3]", [0.0, 0.0, 1.0, 1.0]),
     ("0.1, .2, 0.3, 4e-1", [0.1, 0.2, 0.3, 0.4]),
     ("first [0.1, 0.2, 0.3, 0.4] second [0.5, 0.6, 0.7, 0.8]", [0.1, 0.2, 0.3, 0.4]),
+    ("The box is 0.1, 0.2, 0.3, 0.4.", [0.1, 0.2, 0.3, 0.4]),       # sentence-final period
+    ("It is at 0.1, 0.2, 0.3, 1.", [0.1, 0.2, 0.3, 1.0]),
+    ("[0.1, 0.2, 0.3, 0.4]. Done", [0.1, 0.2, 0.3, 0.4]),
 ])
 def test_parse_box_reads_the_first_box(text, want):
     box = parse_box(text)
@@ -41,6 +45,7 @@ def test_parse_box_reads_the_first_box(text, want):
     "[nan, 0.2, 0.3, 0.4]", "[0.1, 0.2, inf, 0.4]", "[0.1, 0.2, 1e999, 0.4]",
     "[10.1, 0.2, 0.3, 0.4]",                                         # no partial "0.1"
     "[0.1, 0.2, 0.3, 0.45e]",
+    "0.1, 0.2, 0.3, 0.4.5",                                          # no partial "0.4"
 ])
 def test_parse_box_rejects(text):
     assert parse_box(text) is None
@@ -109,6 +114,37 @@ def test_iou_fuzz_always_finite_in_unit_interval(text, gt):
     box = parse_box(text)
     if box is not None:
         assert np.all((0 <= box) & (box <= 1)) and box[0] < box[2] and box[1] < box[3]
+
+
+# ----------------------------------------------------------------------------- box frames
+def test_box_frame_hand_computed():
+    """40x30 image: S = 40, pasted at (0, (40 - 30) // 2) = (0, 5). 15x40 image: S = 40, pasted
+    at ((40 - 15) // 2, 0) = (12, 0) -- expand2square's floor division."""
+    box = np.array([0.25, 0.2, 0.5, 0.6])  # pixels x 10..20, y 6..18 of the 40x30 image
+    np.testing.assert_allclose(box_to_frame(box, 40, 30, "padded"),
+                               [10 / 40, 11 / 40, 20 / 40, 23 / 40])
+    np.testing.assert_allclose(box_to_frame([0, 0, 1, 1], 15, 40, "padded"),
+                               [12 / 40, 0, 27 / 40, 1])
+    np.testing.assert_array_equal(box_to_frame(box, 40, 30, "original"), box)
+    np.testing.assert_allclose(box_to_frame(box, 32, 32, "padded"), box)  # square: no padding
+    with pytest.raises(ValueError, match="box frame"):
+        box_to_frame(box, 40, 30, "letterbox")
+    with pytest.raises(ValueError, match="image size"):
+        box_to_frame(box, 0, 30, "padded")
+
+
+def test_box_frame_round_trip_and_iou_invariance():
+    rng = np.random.default_rng(0)
+    lo = rng.uniform(0, 0.6, (200, 2, 2))
+    boxes = np.concatenate([lo, lo + rng.uniform(0.01, 0.4, (200, 2, 2))], axis=-1)  # [N, 2, 4]
+    for width, height in [(640, 424), (333, 500), (7, 3), (50, 50)]:
+        padded = box_to_frame(boxes, width, height, "padded")
+        assert padded.shape == boxes.shape
+        assert np.all((padded >= 0) & (padded <= 1))
+        np.testing.assert_allclose(box_from_frame(padded, width, height, "padded"), boxes,
+                                   atol=1e-12)
+        np.testing.assert_allclose(box_iou(padded[:, 0], padded[:, 1]),
+                                   box_iou(boxes[:, 0], boxes[:, 1]), atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- OCR

@@ -1,10 +1,19 @@
-"""TFDS builders (array_record) over local grounding files read by `refcoco_style`.
+"""TFDS builders (array_record) over local grounding files read by `refcoco_style` / `refer`.
 
 - `RefcocoStyle`: RefCOCO-style JSONL + images -> one split per "split" value, features
       image uint8 [H, W, 3], image_path, question (official grounding prompt), sentence,
       answer "[x1, y1, x2, y2]" (2 decimals), box float32 [4] (normalised).
+- `Refer`: the refer-toolkit layout (refs(<split_by>).p + instances.json + COCO images) ->
+      one split per refer split (train / val / testA / testB ...), one example per
+      (ref, sentence), the same features as `RefcocoStyle`.
 - `PerpoLists`: official PerPO pre-sampled lists -> split "train", features
-      image, image_path, question, answer, candidates [N] (text), scores float32 [N].
+      image, image_path, question, answer, candidates [N] (text), scores float32 [N]; answers
+      and scores exactly as given.
+
+Box frame: the readers give boxes normalised by the original image; `_grounding_example` (the
+one place) converts `box` and the answer text to the configured frame ("original" or LLaVA's
+"padded" square, `rewards.boxes.box_to_frame`). The `build_*` functions put the frame (and the
+refer split_by) into the TFDS config name, so changing it never reuses an old dataset.
 
 Entries skipped under `skip_invalid=True` are logged, returned by the `build_*` functions,
 and kept in the dataset's metadata (`builder.info.metadata["skipped"]`), so a reused dataset
@@ -19,10 +28,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from perpo_jax.data import refcoco_style
+from perpo_jax.data import refcoco_style, refer
 from perpo_jax.data.local_builder import LocalBuilder
 from perpo_jax.data.shapes_grounding import grounding_question
 from perpo_jax.data.shapes_scene import format_box
+from perpo_jax.rewards.boxes import BOX_FRAMES, box_to_frame
 
 
 @dataclasses.dataclass
@@ -32,6 +42,15 @@ class LocalFilesConfig(tfds.core.BuilderConfig):
     annotations: str = ""
     image_root: str = ""
     skip_invalid: bool = False
+
+
+@dataclasses.dataclass
+class GroundingFilesConfig(LocalFilesConfig):
+    """box_frame: frame of the stored box and answer ("original" | "padded"); split_by: which
+    refs(<split_by>).p a `Refer` builder reads (annotations is then the refer dataset dir)."""
+
+    box_frame: str = "original"
+    split_by: str = "unc"
 
 
 def _image_bytes(path: str) -> bytes:
@@ -51,15 +70,22 @@ def _skipped_metadata(skipped) -> tfds.core.MetadataDict:
     return meta
 
 
-class RefcocoStyle(LocalBuilder):
-    """RefCOCO-style referring expressions; pass `config=LocalFilesConfig(...)`."""
+def _grounding_example(r: refcoco_style.RefExpression, box_frame: str) -> dict:
+    """One TFDS example; the only place a box leaves the original frame."""
+    box = box_to_frame(r.box, *r.image_size, box_frame).astype(np.float32)
+    return {"image": _image_bytes(r.image_path), "image_path": r.image_path,
+            "question": grounding_question(r.sentence), "sentence": r.sentence,
+            "answer": format_box(box), "box": box}
+
+
+class _ReferringExpressions(LocalBuilder, skip_registration=True):
+    """Referring expressions with boxes; subclasses say how to `_read` the files."""
 
     VERSION = tfds.core.Version("1.0.0")
 
     def _read(self):
-        cfg = self.builder_config
-        return refcoco_style.read_refcoco_jsonl(cfg.annotations, cfg.image_root,
-                                                skip_invalid=cfg.skip_invalid)
+        """-> (list[RefExpression] with original-frame boxes, list[Skipped])."""
+        raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -82,10 +108,27 @@ class RefcocoStyle(LocalBuilder):
         return {s: self._generate_examples([r for r in records if r.split == s]) for s in splits}
 
     def _generate_examples(self, records):
-        for r in records:
-            yield r.line, {"image": _image_bytes(r.image_path), "image_path": r.image_path,
-                           "question": grounding_question(r.sentence), "sentence": r.sentence,
-                           "answer": format_box(r.box), "box": r.box}
+        # Keyed by index: a refer entry gives one example per sentence, all on one "line".
+        for index, r in enumerate(records):
+            yield index, _grounding_example(r, self.builder_config.box_frame)
+
+
+class RefcocoStyle(_ReferringExpressions):
+    """RefCOCO-style JSONL referring expressions; pass `config=GroundingFilesConfig(...)`."""
+
+    def _read(self):
+        cfg = self.builder_config
+        return refcoco_style.read_refcoco_jsonl(cfg.annotations, cfg.image_root,
+                                                skip_invalid=cfg.skip_invalid)
+
+
+class Refer(_ReferringExpressions):
+    """refer-toolkit RefCOCO / + / g; pass `config=GroundingFilesConfig(annotations=<dir>)`."""
+
+    def _read(self):
+        cfg = self.builder_config
+        return refer.read_refer(cfg.annotations, cfg.image_root, split_by=cfg.split_by,
+                                skip_invalid=cfg.skip_invalid)
 
 
 class PerpoLists(LocalBuilder):
@@ -122,22 +165,45 @@ class PerpoLists(LocalBuilder):
                           "candidates": list(r.candidates), "scores": r.scores}
 
 
-def _build(cls, data_dir: str, name: str, annotations: str, image_root: str, skip_invalid: bool):
-    config = LocalFilesConfig(name=name, annotations=annotations, image_root=image_root,
-                              skip_invalid=skip_invalid)
+def _build(cls, data_dir: str, config: LocalFilesConfig):
     builder = cls(data_dir=data_dir, config=config, file_format="array_record")
     builder.download_and_prepare()
     skipped = [refcoco_style.Skipped(**s) for s in builder.info.metadata.get("skipped", [])]
     return builder, skipped
 
 
+def _check_frame(box_frame: str) -> str:
+    if box_frame not in BOX_FRAMES:
+        raise ValueError(f"box_frame must be one of {BOX_FRAMES}, got {box_frame!r}")
+    return box_frame
+
+
 def build_refcoco_style(data_dir: str, annotations: str, image_root: str, *, name: str = "default",
-                        skip_invalid: bool = False):
-    """Prepare (or reuse) `refcoco_style/<name>` -> (builder, list[Skipped])."""
-    return _build(RefcocoStyle, data_dir, name, annotations, image_root, skip_invalid)
+                        box_frame: str = "original", skip_invalid: bool = False):
+    """Prepare (or reuse) `refcoco_style/<name>_<box_frame>` -> (builder, list[Skipped])."""
+    config = GroundingFilesConfig(
+        name=f"{name}_{_check_frame(box_frame)}", annotations=annotations, image_root=image_root,
+        skip_invalid=skip_invalid, box_frame=box_frame)
+    return _build(RefcocoStyle, data_dir, config)
+
+
+def build_refer(data_dir: str, refer_dir: str, image_root: str, *, split_by: str = "unc",
+                name: str = "default", box_frame: str = "original", skip_invalid: bool = False):
+    """Prepare (or reuse) `refer/<name>_<split_by>_<box_frame>` -> (builder, list[Skipped]).
+
+    refer_dir holds refs(<split_by>).p and instances.json; image_root the COCO train2014 images.
+    """
+    if split_by not in refer.SPLIT_BYS:
+        raise ValueError(f"split_by must be one of {refer.SPLIT_BYS}, got {split_by!r}")
+    config = GroundingFilesConfig(
+        name=f"{name}_{split_by}_{_check_frame(box_frame)}", annotations=refer_dir,
+        image_root=image_root, skip_invalid=skip_invalid, box_frame=box_frame, split_by=split_by)
+    return _build(Refer, data_dir, config)
 
 
 def build_official_lists(data_dir: str, path: str, image_root: str, *, name: str = "default",
                          skip_invalid: bool = False):
     """Prepare (or reuse) `perpo_lists/<name>` -> (builder, list[Skipped])."""
-    return _build(PerpoLists, data_dir, name, path, image_root, skip_invalid)
+    config = LocalFilesConfig(name=name, annotations=path, image_root=image_root,
+                              skip_invalid=skip_invalid)
+    return _build(PerpoLists, data_dir, config)

@@ -4,7 +4,9 @@
     format, see `tests/data/perpo_official_example.json`) or JSONL, one object per list:
         {"image_id": any, "image_path": "COCO/train2014/x.jpg", "question": str,
          "answer": "[x1, y1, x2, y2]", "answers_gen": [str] * N, "iou_scores": [float] * N}
-    `image_path` is relative to `image_root`.
+    `image_path` is relative to `image_root`. Every "</s>" is removed from `question`, as the
+    official reader does (`train_perpo_lora.py`: `data["question"].replace('</s>', "")`);
+    `answer` and `iou_scores` are kept exactly as given (never recomputed).
 
 (b) RefCOCO-style annotations (`read_refcoco_jsonl`): JSONL, one referring expression per line:
         {"image": "train2014/COCO_train2014_000000580344.jpg",   # relative to image_root
@@ -12,8 +14,10 @@
          "sentence": "glass behind burger",
          "split": "train"}              # any split name: train / val / testA / ...
     Optional keys are kept in `extra` (e.g. "ref_id", "ann_id"). Boxes are normalised by the
-    image's own size: [x/W, y/H, (x+w)/W, (y+h)/H]; a box may stick out of the image by at
-    most 1 pixel (COCO rounding) and is then clipped to [0, 1].
+    image's own size ("original" frame): [x/W, y/H, (x+w)/W, (y+h)/H]; a box may stick out of
+    the image by at most 1 pixel (COCO rounding) and is then clipped to [0, 1]. The TFDS
+    builders convert to the configured frame (`rewards.boxes.box_to_frame`) in one place.
+    `perpo_jax.data.refer` reads the refer-toolkit layout into the same records.
 
 A malformed entry or a missing image raises `DataFileError` naming the file and line
 number. With `skip_invalid=True` the entry is skipped instead, logged with a warning, and
@@ -27,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -160,6 +165,24 @@ def _image_file(image_root: str, relative: str) -> str:
     return os.path.abspath(full)
 
 
+def _image_size(path: str, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header once (`sizes` caches it)."""
+    if path not in sizes:
+        try:
+            with Image.open(path) as im:  # reads the header only
+                sizes[path] = im.size
+        except OSError as e:
+            raise DataFileError(f"image {path} cannot be read: {e}") from None
+    return sizes[path]
+
+
+def _split_name(value: str) -> str:
+    """A split name TFDS accepts (letters, digits, '_'), e.g. train / val / testA."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", value):
+        raise DataFileError(f"split {value!r} is not a valid split name (letters, digits, '_')")
+    return value
+
+
 # ----------------------------------------------------------------------------- readers
 
 
@@ -182,7 +205,8 @@ def read_official_lists(path: str, image_root: str, *, skip_invalid: bool = Fals
         return OfficialList(
             image_id=obj.get("image_id"),
             image_path=_image_file(image_root, _field(obj, "image_path", str)),
-            question=_field(obj, "question", str), answer=_field(obj, "answer", str),
+            question=_field(obj, "question", str).replace("</s>", ""),
+            answer=_field(obj, "answer", str),
             candidates=tuple(candidates), scores=np.asarray(scores, np.float32), line=line)
 
     return _read_entries(path, parse, skip_invalid)
@@ -209,13 +233,7 @@ def read_refcoco_jsonl(path: str, image_root: str, *, skip_invalid: bool = False
 
     def parse(obj: dict, line: int) -> RefExpression:
         image = _image_file(image_root, _field(obj, "image", str))
-        if image not in sizes:
-            try:
-                with Image.open(image) as im:  # reads the header only
-                    sizes[image] = im.size
-            except OSError as e:
-                raise DataFileError(f"image {image} cannot be read: {e}") from None
-        width, height = sizes[image]
+        width, height = _image_size(image, sizes)
         sentence = _field(obj, "sentence", str).strip()
         if not sentence:
             raise DataFileError("'sentence' is empty")
@@ -224,7 +242,8 @@ def read_refcoco_jsonl(path: str, image_root: str, *, skip_invalid: bool = False
         extra = {k: v for k, v in obj.items() if k not in ("image", "bbox", "sentence", "split")}
         return RefExpression(image_path=image, image_size=(width, height),
                              bbox_xywh=tuple(float(v) for v in bbox), box=box,
-                             sentence=sentence, split=_field(obj, "split", str), line=line,
+                             sentence=sentence, split=_split_name(_field(obj, "split", str)),
+                             line=line,
                              extra=extra)
 
     return _read_entries(path, parse, skip_invalid)

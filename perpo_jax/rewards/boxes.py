@@ -2,6 +2,12 @@
 
 Boxes are ``[x1, y1, x2, y2]`` in [0, 1] (image width/height units), the format of the
 LLaVA-1.5 grounding prompt (``"[0.12, 0.34, 0.56, 0.78]"``). Pure numpy: never imports jax.
+
+Frames (``box_to_frame`` / ``box_from_frame``): a normalised box is relative either to the
+original image (``"original"``: x / W, y / H) or to the square LLaVA-1.5 pads it to
+(``"padded"``: LLaVA's ``expand2square`` pastes the W x H image at ((S - W) // 2, (S - H) // 2)
+of an S = max(W, H) square, so x -> (x + (S - W) // 2) / S). Both are axis-aligned affine maps
+of pixel coordinates with positive scale, so IoU is the same in either frame.
 """
 from __future__ import annotations
 
@@ -14,11 +20,14 @@ import numpy as np
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _SEP = r"\s*,\s*"
 # Four comma-separated numbers, optionally inside [] or (), anywhere in the text. The
-# look-arounds stop the match from starting or ending inside a longer number ("10.5" -> "0.5").
+# look-arounds stop the match from starting or ending inside a longer number ("10.5" -> "0.5",
+# "0.45e" is not "0.4"); a '.' after the last number ends it only when no digit follows, so a
+# sentence-final period ("... 0.3, 0.4.") still reads as 0.4 while "0.4.5" does not.
 _BOX_RE = re.compile(
     r"(?<![\d.])[\[(]?\s*(" + _NUMBER + ")" + _SEP + "(" + _NUMBER + ")" + _SEP
-    + "(" + _NUMBER + ")" + _SEP + "(" + _NUMBER + r")(?![\d.eE])"
+    + "(" + _NUMBER + ")" + _SEP + "(" + _NUMBER + r")(?!\d|\.\d|[eE])"
 )
+BOX_FRAMES = ("original", "padded")
 
 
 def _read_box(text: str) -> tuple[float, float, float, float] | None:
@@ -83,3 +92,46 @@ def iou_rewards(texts: Sequence[str], gt_boxes: np.ndarray) -> np.ndarray:
     ok = found & np.isfinite(gt).all(axis=1)
     iou = box_iou(pred, np.where(np.isfinite(gt), gt, 0.0))
     return np.where(ok, iou, 0.0).astype(np.float32)
+
+
+def _square_geometry(width: int, height: int) -> tuple[int, int, int]:
+    """(S, left, top): side of LLaVA's padded square and where the image is pasted in it.
+
+    Same integer offsets as LLaVA's ``expand2square`` (``paste(img, (0, (W - H) // 2))`` when
+    W > H, ``((H - W) // 2, 0)`` when H > W) and transformers' ``LlavaImageProcessor`` padding.
+    """
+    if not (isinstance(width, (int, np.integer)) and isinstance(height, (int, np.integer))
+            and width > 0 and height > 0):
+        raise ValueError(f"image size must be positive integers, got {width}x{height}")
+    side = max(width, height)
+    return side, (side - width) // 2, (side - height) // 2
+
+
+def _frame_affine(width: int, height: int, frame: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scale [4], shift [4]) with frame_box = original_box * scale + shift."""
+    if frame not in BOX_FRAMES:
+        raise ValueError(f"box frame must be one of {BOX_FRAMES}, got {frame!r}")
+    if frame == "original":
+        _square_geometry(width, height)  # same argument checks for both frames
+        return np.ones(4), np.zeros(4)
+    side, left, top = _square_geometry(width, height)
+    scale = np.array([width, height, width, height], np.float64) / side
+    shift = np.array([left, top, left, top], np.float64) / side
+    return scale, shift
+
+
+def box_to_frame(box_n4, width: int, height: int, frame: str) -> np.ndarray:
+    """Original-normalised boxes ``[..., 4]`` -> ``frame``-normalised ``[..., 4]`` float64.
+
+    ``width`` / ``height``: the original image size in pixels; ``frame``: "original" (identity)
+    or "padded" (LLaVA's expand2square square, see the module docstring). IoU between two boxes
+    of one image is unchanged by the conversion.
+    """
+    scale, shift = _frame_affine(width, height, frame)
+    return np.asarray(box_n4, np.float64) * scale + shift
+
+
+def box_from_frame(box_n4, width: int, height: int, frame: str) -> np.ndarray:
+    """Inverse of ``box_to_frame``: ``frame``-normalised ``[..., 4]`` -> original-normalised."""
+    scale, shift = _frame_affine(width, height, frame)
+    return (np.asarray(box_n4, np.float64) - shift) / scale
