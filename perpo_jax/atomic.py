@@ -5,7 +5,10 @@
     with atomic_file("out/report.json") as tmp_path:
         write(tmp_path)
 
-The temp lives in the target's parent so the final rename stays on one filesystem.
+The temp lives in the target's parent so the final rename stays on one filesystem. What
+appears at the target has the modes a plain `mkdir` / `open(..., "w")` would give it (the
+umask's; a replaced file keeps its mode), not the private 0700 / 0600 of `tempfile` or of
+writers that go through a temp file themselves (safetensors' `save_file`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,46 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where possible: `os.umask` can only be read by
+    setting it, which would briefly change the modes of files other threads create."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: str) -> int:
+    """The mode `open(path, "w")` would leave: an existing file's own, else 0666 & ~umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
+def _share_tree(root: str) -> None:
+    """Gives `root` and everything under it the umask's modes (executables stay executable)."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(parent, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                full = 0o777 if os.stat(path).st_mode & 0o111 else 0o666
+                os.chmod(path, full & ~mask)
 
 
 @contextlib.contextmanager
@@ -27,6 +68,7 @@ def atomic_dir(out_dir: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         yield tmp
+        _share_tree(tmp)
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rmdir(old)
@@ -51,6 +93,7 @@ def atomic_file(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -3,9 +3,9 @@
     perpo-jax prepare-data --config configs/demo_shapes.yaml data.num_train=500
     perpo-jax sample  --config C [--checkpoint DIR] [--num-prompts 4] [--out samples.jsonl]
     perpo-jax eval    --config C [--checkpoint DIR] --out runs/demo/eval
-    perpo-jax convert --from-hf HF_DIR --out CKPT_DIR        (HF → orbax params)
-    perpo-jax convert --to-hf --checkpoint CKPT_DIR --out HF_DIR
-    perpo-jax export  --checkpoint DIR --out HF_DIR           (LoRA merged first)
+    perpo-jax convert --from-hf HF_DIR --out CKPT_DIR [--overwrite]      (HF → orbax params)
+    perpo-jax convert --to-hf --checkpoint CKPT_DIR --out HF_DIR [--overwrite]
+    perpo-jax export  --checkpoint DIR --out HF_DIR [--overwrite]       (LoRA merged first)
     perpo-jax train   --config C [overrides...]
     perpo-jax demo    [--task grounding|ocr] ...
 
@@ -13,6 +13,16 @@ Every subcommand takes `--config FILE` (omitted: the schema defaults of perpo_ja
 dotted overrides `section.key=value`. A config error exits with status 2 and one line naming
 the key; other user errors (missing files, bad checkpoints or data) exit 1 with their message.
 Heavy modules (jax, transformers, TFDS) are imported inside the subcommands, so `--help` is fast.
+
+Paths are resolved once, here: `--checkpoint`, `--out`, `--from-hf` and the config's path keys
+(`PATH_KEYS`) are made absolute against the working directory before anything runs, so a
+relative path means the same to orbax and TFDS, and in the config saved with a run.
+
+`export` / `convert` replace their `--out` directory. A non-empty `--out` is refused unless
+`--overwrite` is given; an `--out` that is, contains or lies inside the checkpoint, the run dir
+(train.out_dir), the checkpoint dir, the data (data.data_dir, data.path, data.image_dir) or the
+base model (model.hf_path, `--from-hf`) is refused even then. `--checkpoint` is checked first
+of all: a missing or non-checkpoint directory is a one-line error before any work starts.
 """
 from __future__ import annotations
 
@@ -21,25 +31,117 @@ import json
 import os
 import sys
 
-from perpo_jax.config import ConfigError, config_from_dict, load_config
+from perpo_jax.config import Config, ConfigError, config_from_dict, load_config
+
+# Config keys holding paths, made absolute against the working directory by `resolve_paths`.
+PATH_KEYS = ("train.out_dir", "checkpoint.dir", "data.data_dir", "data.path", "data.image_dir",
+             "data.tokenizer", "model.hf_path")
+# Command-line arguments holding paths (same treatment).
+PATH_ARGS = ("checkpoint", "out", "from_hf")
+
+
+class OutDirError(ValueError):
+    """An `--out` that would overwrite something without --overwrite, or destroy an input."""
+
+
+# Exceptions a user causes (their message names the thing), by defining module: only those of
+# modules already imported can have been raised, so matching imports nothing heavy.
+_USER_ERRORS = (("perpo_jax.hf.errors", "CheckpointError"),
+                ("perpo_jax.data.refcoco_style", "DataFileError"),
+                ("perpo_jax.data.batching", "PromptTooLongError"),
+                ("perpo_jax.models.from_config", "ModelProcessorMismatch"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions a user causes (their message names the thing); no traceback for these."""
-    from perpo_jax.models.from_config import ModelProcessorMismatch
-    from perpo_jax.data.batching import PromptTooLongError
-    from perpo_jax.data.refcoco_style import DataFileError
-    from perpo_jax.hf import CheckpointError
+    """Exceptions printed as one line, without a traceback."""
+    loaded = tuple(getattr(sys.modules[module], name) for module, name in _USER_ERRORS
+                   if module in sys.modules)
+    return (FileNotFoundError, OutDirError) + loaded
 
-    return (FileNotFoundError, CheckpointError, DataFileError, PromptTooLongError,
-            ModelProcessorMismatch)
+
+# ----------------------------------------------------------------------------- paths
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """`cfg` with every `PATH_KEYS` value made absolute against the working directory."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            setattr(getattr(cfg, section), name, _absolute(value))
+    return cfg
+
+
+def _resolve_args(args) -> None:
+    """Makes the `PATH_ARGS` absolute; a missing --checkpoint / --from-hf dir is an error
+    here, before any heavy import or work."""
+    for name in PATH_ARGS:
+        if getattr(args, name, None):
+            setattr(args, name, _absolute(getattr(args, name)))
+    for name in ("checkpoint", "from_hf"):
+        path = getattr(args, name, None)
+        if path is not None and not os.path.isdir(path):
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such directory")
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_out_dir(out: str, protected: dict[str, str | None], overwrite: bool) -> None:
+    """Refuses (OutDirError) an `--out` that is, contains or lies inside a `protected` path
+    ({what: path}), whatever `overwrite` says, and a non-empty one unless `overwrite`."""
+    real = os.path.realpath(out)
+    for what, path in protected.items():
+        if path is None:
+            continue
+        guarded = os.path.realpath(path)
+        relation = ("is" if real == guarded else "contains" if _within(guarded, real)
+                    else "lies inside" if _within(real, guarded) else None)
+        if relation is not None:
+            raise OutDirError(f"--out {out} {relation} the {what} {path}: choose a directory "
+                              "outside it (refused even with --overwrite)")
+    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        if not overwrite:
+            raise OutDirError(f"--out {out} exists and is not an empty directory: pass "
+                              "--overwrite to replace it")
+
+
+def _protected(cfg: Config, **inputs: str | None) -> dict[str, str | None]:
+    """What an --out must never touch: the command's inputs + the config's run and data."""
+    return {**inputs,
+            "run dir (train.out_dir)": cfg.train.out_dir,
+            "checkpoint dir (checkpoint.dir)": cfg.checkpoint.dir,
+            "data dir (data.data_dir)": cfg.data.data_dir,
+            "data file (data.path)": cfg.data.path,
+            "image dir (data.image_dir)": cfg.data.image_dir,
+            "base model (model.hf_path)": cfg.model.hf_path}
+
+
+def _check_checkpoint(path: str) -> None:
+    """One-line error unless `path` holds a training checkpoint (root or step dir) or a
+    converted params checkpoint; runs before any dataset, directory or orbax thread exists
+    (`_resolve_args` has already refused a missing dir)."""
+    from perpo_jax.checkpoint import STATE_ITEM
+    from perpo_jax.hf import CheckpointError
+    from perpo_jax.restore import is_params_checkpoint
+
+    steps = [n for n in os.listdir(path)
+             if n.isdigit() and os.path.isdir(os.path.join(path, n, STATE_ITEM))]
+    if not (steps or os.path.isdir(os.path.join(path, STATE_ITEM)) or is_params_checkpoint(path)):
+        raise CheckpointError(f"--checkpoint {path}: not a checkpoint (no finalised step "
+                              f"<N>/{STATE_ITEM}, no {STATE_ITEM}/, no params/ + config.json)")
 
 
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _load(args) -> object:
-    return load_config(args.config, args.overrides)
+def _load(args) -> Config:
+    return resolve_paths(load_config(args.config, args.overrides))
 
 
 def _setup(cfg, *, progress: bool = True):
@@ -66,6 +168,8 @@ def cmd_prepare_data(args) -> int:
     cfg = _load(args)
     _, data = _setup(cfg)
     summary = {"source": cfg.data.source, "task": data.task, "data_dir": data.data_dir,
+               "dataset": "built" if data.built else "reused",
+               "dataset_reason": data.cache_reason,
                "train": len(data.train), "val": 0 if data.val is None else len(data.val),
                "processor_dir": data.processor_dir or cfg.model.hf_path,
                "tokenizer_size": len(data.processor.tokenizer), "skipped": len(data.skipped)}
@@ -80,24 +184,39 @@ def _targets(task: str, example, k: int):
     return repeat_target(ground_truth(task, [example]), 0, k)
 
 
+def _split(args, data, cfg: Config) -> str:
+    """`--split`, or the default split of the data (said on stderr when it is not val)."""
+    from perpo_jax.evaluate import default_split
+
+    if args.split is not None:
+        return args.split
+    split = default_split(data)
+    if split != "val":
+        print(f"perpo-jax {args.command}: data.source={cfg.data.source!r} has no val split; "
+              f"using --split {split}", file=sys.stderr)
+    return split
+
+
 def cmd_sample(args) -> int:
     import jax
     import numpy as np
 
     from perpo_jax.data.prepare import prompt_batch_for, record_example
-    from perpo_jax.evaluate import prompt_length
+    from perpo_jax.evaluate import prompt_length, prompt_limit, split_source
     from perpo_jax.rewards import get_reward
     from perpo_jax.sampling import sample
 
     cfg = _load(args)
+    if args.checkpoint is not None:
+        _check_checkpoint(args.checkpoint)
     mesh, data = _setup(cfg)
-    source = data.val if args.split == "val" else data.train
-    if source is None:
-        raise ConfigError(f"data.source: the dataset has no {args.split!r} split")
+    source = split_source(data, _split(args, data, cfg), cfg.data.source)
     examples = [record_example(source[i]) for i in range(min(args.num_prompts, len(source)))]
+    length = prompt_length(examples, data.processor,
+                           prompt_limit(cfg, "sampling.max_new_tokens"))
     model = _model(cfg, mesh, data, args.checkpoint)
     tok, s = data.processor.tokenizer, cfg.sampling
-    batch = prompt_batch_for(examples, data.processor, prompt_length(examples, data.processor))
+    batch = prompt_batch_for(examples, data.processor, length)
     out = sample(model, batch, num_samples=s.num_samples, max_new_tokens=s.max_new_tokens,
                  temperature=s.temperature, top_p=s.top_p, rng=jax.random.key(cfg.train.seed),
                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, mesh=mesh)
@@ -121,34 +240,51 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from perpo_jax.evaluate import evaluate, write_eval_outputs
+    from perpo_jax.evaluate import evaluate, split_source, write_eval_outputs
 
     cfg = _load(args)
+    if args.checkpoint is not None:
+        _check_checkpoint(args.checkpoint)
     mesh, data = _setup(cfg)
+    split = _split(args, data, cfg)
+    split_source(data, split, cfg.data.source)  # a missing split fails before the model is built
     model = _model(cfg, mesh, data, args.checkpoint)
-    result = evaluate(model, data, cfg, split=args.split, mesh=mesh)
+    result = evaluate(model, data, cfg, split=split, mesh=mesh)
     paths = write_eval_outputs(result, args.out)
     print(json.dumps({"metrics": result.metrics, **paths}, indent=2, default=str))
     return 0
 
 
-def _run_config(args, checkpoint: str):
+def _saved_config(checkpoint: str) -> dict:
+    """The config saved with a training checkpoint (root or one step dir); {} for a converted
+    params checkpoint or when none was saved."""
+    from perpo_jax.checkpoint import STATE_ITEM, Checkpointer
+    from perpo_jax.restore import is_params_checkpoint
+
+    if is_params_checkpoint(checkpoint):
+        return {}
+    root, step = checkpoint, None
+    name = os.path.basename(checkpoint.rstrip(os.sep))
+    if name.isdigit() and os.path.isdir(os.path.join(checkpoint, STATE_ITEM)):
+        root, step = os.path.dirname(checkpoint), int(name)
+    try:
+        with Checkpointer(root, save_every=1, async_save=False) as ckpt:
+            meta = ckpt.read_metadata(step) if ckpt.latest_step() is not None else {}
+    except (FileNotFoundError, ValueError):
+        meta = {}
+    return meta.get("config", meta) if isinstance(meta, dict) else {}
+
+
+def _run_config(args, checkpoint: str) -> Config:
     """The config of a training checkpoint: `--config`/overrides when given, else the
     resolved config saved in the checkpoint's metadata, else the schema defaults."""
     if args.config is not None:
         return _load(args)
-    from perpo_jax.checkpoint import Checkpointer
-
     try:
-        with Checkpointer(checkpoint, save_every=1, async_save=False) as ckpt:
-            meta = ckpt.read_metadata() if ckpt.latest_step() is not None else {}
-    except (FileNotFoundError, ValueError):
-        meta = {}
-    tree = meta.get("config", meta) if isinstance(meta, dict) else {}
-    try:
-        return config_from_dict(tree, args.overrides)
+        cfg = config_from_dict(_saved_config(checkpoint), args.overrides)
     except ConfigError:  # metadata is not a config: fall back to the defaults
-        return load_config(None, args.overrides)
+        cfg = load_config(None, args.overrides)
+    return resolve_paths(cfg)
 
 
 def _to_hf(args, *, merge: bool) -> int:
@@ -163,7 +299,9 @@ def _to_hf(args, *, merge: bool) -> int:
 
     if args.checkpoint is None:
         raise ConfigError("--checkpoint: required")
+    _check_checkpoint(args.checkpoint)
     cfg = _run_config(args, args.checkpoint)
+    check_out_dir(args.out, _protected(cfg, checkpoint=args.checkpoint), args.overwrite)
     mesh = build_mesh(cfg)
     if is_params_checkpoint(args.checkpoint):
         model, source_dir = model_from_checkpoint(cfg, args.checkpoint, mesh, None), args.checkpoint
@@ -186,6 +324,8 @@ def _from_hf(args) -> int:
     from perpo_jax.models.config import as_jnp_dtype
 
     cfg = _load(args)
+    check_out_dir(args.out, _protected(cfg, **{"source model (--from-hf)": args.from_hf}),
+                  args.overwrite)
     model = load_pretrained(args.from_hf, dtype=as_jnp_dtype(cfg.model.dtype), mesh=build_mesh(cfg))
     out = save_params_checkpoint(model, args.out, source_dir=args.from_hf)
     print(f"wrote orbax params checkpoint {out}")
@@ -226,6 +366,34 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+_SPLIT_HELP = ("which split's prompts: val | train (default: val, or train where the data has "
+               "no val split: data.source=official_json lists are train-only)")
+_CHECKPOINT_HELP = ("training checkpoint (the run's checkpoints/ dir or one step dir in it) or a "
+                    "converted params checkpoint; default: the model the config builds")
+_OVERWRITE_HELP = ("replace a non-empty --out (an --out that is, contains or lies inside the "
+                   "checkpoint, run, data or base-model dirs is refused even so)")
+
+_TRAIN_DESCRIPTION = """\
+Trains a policy with the loss of loss.name (perpo | dpo | lipo | lipo_lambda | sft).
+
+modes (train.mode):
+  online   rounds (train.rounds; 0 = one pass over the data): each takes
+           sampling.prompts_per_round prompts, samples sampling.num_samples candidates per
+           prompt from the current policy, rewards them (data.task) and trains on the lists
+           whose best-worst reward gap is at least data.min_margin
+  offline  trains on pre-sampled candidate lists (data.source=official_json: answers_gen +
+           iou_scores), train.epochs passes over them
+
+outputs, under train.out_dir (default runs/default):
+  checkpoints/   orbax checkpoints (checkpoint.dir overrides; checkpoint.save_every, .keep)
+  metrics.jsonl  one JSON row per step and per round
+  tb/            TensorBoard events (one file per run)
+  curves.png     loss / pair accuracy / mean reward against step
+  lists/         each round's lists, so a resumed run continues exactly
+Running the same command again resumes from the latest checkpoint (checkpoint.resume).
+"""
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", default=None,
                    help="YAML config (default: the schema defaults of perpo_jax.config)")
@@ -233,54 +401,98 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="dotted config overrides, e.g. optim.lr=1e-5 mesh.shape=[2,2,2]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="perpo-jax", description=(
-        "PerPO (discriminative rewarding + listwise preference optimisation) for LLaVA in JAX."))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("prepare-data", help="build the dataset and tokenizer/processor")
+def _add_prepare_data(sub) -> None:
+    p = sub.add_parser("prepare-data", help="build the dataset and tokenizer/processor",
+                       description="Builds (or reuses) the dataset under data.data_dir and the "
+                       "processor, and prints a JSON summary: counts, and whether the dataset "
+                       "was built or reused, and why.")
     _common(p)
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("sample", help="sample candidates for val prompts and reward them (JSONL)")
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample candidates for val prompts and reward them (JSONL)",
+                       description="Samples sampling.num_samples candidates for the first "
+                       "prompts of a split and rewards them against the ground truth: one JSON "
+                       "line per prompt (question, answer, candidates, rewards).")
     _common(p)
-    p.add_argument("--checkpoint", metavar="DIR", help="training or converted checkpoint")
-    p.add_argument("--num-prompts", type=int, default=4, help="first N prompts of the split")
-    p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--out", metavar="FILE", help="JSONL output (default: stdout)")
+    p.add_argument("--checkpoint", metavar="DIR", help=_CHECKPOINT_HELP)
+    p.add_argument("--num-prompts", type=int, default=4, metavar="N",
+                   help="how many prompts: the first N of the split (default: 4)")
+    p.add_argument("--split", choices=("val", "train"), default=None, help=_SPLIT_HELP)
+    p.add_argument("--out", metavar="FILE", help="JSONL file to write (default: stdout)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="greedy evaluation: report.json (+ boxes.png)")
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="greedy evaluation: report.json (+ boxes.png)",
+                       description="Greedy-decodes the first eval.num_examples prompts of a "
+                       "split and writes report.json (metrics and every prediction) and, for "
+                       "grounding, boxes.png into --out.")
     _common(p)
-    p.add_argument("--checkpoint", metavar="DIR", help="training or converted checkpoint")
-    p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    p.add_argument("--checkpoint", metavar="DIR", help=_CHECKPOINT_HELP)
+    p.add_argument("--split", choices=("val", "train"), default=None, help=_SPLIT_HELP)
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="directory for report.json and boxes.png (created; other files stay)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("convert", help="HF <-> orbax params checkpoints")
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="HF <-> orbax params checkpoints",
+                       description="--from-hf: a transformers model dir -> an orbax params "
+                       "checkpoint; --to-hf: a checkpoint without LoRA adapters -> a "
+                       "transformers dir (use `export` for LoRA runs).")
     _common(p)
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to-hf", action="store_true", help="--checkpoint DIR → transformers dir")
-    way.add_argument("--from-hf", metavar="HF_DIR", help="transformers dir → orbax params")
+    way.add_argument("--to-hf", action="store_true",
+                     help="convert --checkpoint DIR into a transformers dir")
+    way.add_argument("--from-hf", metavar="HF_DIR",
+                     help="transformers model dir to convert into an orbax params checkpoint")
     p.add_argument("--checkpoint", metavar="DIR", help="source checkpoint for --to-hf")
-    p.add_argument("--out", metavar="DIR", required=True)
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="directory to write (replaced as a whole; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="training checkpoint → transformers dir, LoRA merged")
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="training checkpoint → transformers dir, LoRA merged",
+                       description="Merges the LoRA adapters of a training checkpoint into the "
+                       "base weights and writes a transformers dir (safetensors, config.json, "
+                       "processor files). Without --config the config saved with the "
+                       "checkpoint is used.")
     _common(p)
-    p.add_argument("--checkpoint", metavar="DIR", required=True)
-    p.add_argument("--out", metavar="HF_DIR", required=True)
+    p.add_argument("--checkpoint", metavar="DIR", required=True,
+                   help="training checkpoint: the run's checkpoints/ dir or one step dir in it")
+    p.add_argument("--out", metavar="HF_DIR", required=True,
+                   help="transformers dir to write (replaced as a whole; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("train", help="the PerPO loop (online rounds or offline lists)")
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="the PerPO loop (online rounds or offline lists)",
+                       description=_TRAIN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the embedded demo: SFT → PerPO/DPO/LiPO → eval → export",
                        add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER,
                    help="passed to perpo_jax.demo (try `perpo-jax demo --help`)")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="perpo-jax", description=(
+        "PerPO (discriminative rewarding + listwise preference optimisation) for LLaVA in JAX."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_prepare_data, _add_sample, _add_eval, _add_convert, _add_export,
+                _add_train, _add_demo):
+        add(sub)
     return parser
 
 
@@ -293,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
+        _resolve_args(args)
         return args.func(args)
     except ConfigError as e:
         print(f"perpo-jax {args.command}: config error: {e}", file=sys.stderr)

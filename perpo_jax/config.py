@@ -9,6 +9,7 @@ the config is read on the host before any device is touched.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,25 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the dotted key."""
+
+
+class _StrictBoolLoader(yaml.SafeLoader):
+    """YAML as `yaml.safe_load` reads it, except that only true/false (any case) are booleans:
+    YAML 1.1's yes/no/on/off/y/n stay strings, so a boolean key given one of them is an
+    error naming the key instead of a silent True/False."""
+
+
+_StrictBoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictBoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YAML11_BOOLS = frozenset({"yes", "no", "on", "off", "y", "n"})
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictBoolLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 LLM_LINEARS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -69,9 +89,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     mode: str = "online"  # online (sample → reward → train rounds) | offline (pre-sampled lists)
-    rounds: int = 1  # online rounds
-    steps: int = 0  # updates per round; 0 = ceil(prompts_per_round / lists_per_step) (× epochs online)
-    epochs: int = 1  # online: passes over each round's lists; offline: passes over the data
+    rounds: int = 0  # online rounds; 0 = one pass over the data (ceil(prompts / prompts_per_round))
+    steps: int = 0  # online updates per round; 0 = ceil(prompts_per_round / lists_per_step) × epochs
+    epochs: int = 1  # online: passes over each round's lists; offline: exact passes over the kept lists
     lists_per_step: int = 2  # real lists per update (padded with empty lists to shard evenly)
     num_candidates: int = 20  # K, list size after filtering/padding
     max_length: int = 2048  # prompt (image tokens included) + response
@@ -130,8 +150,8 @@ class DataConfig:
     # pad (LLaVA-1.5 pad-to-square with the image mean, the official run) | crop (CLIP resize +
     # center crop) | checkpoint (whatever the checkpoint's image processor does)
     image_aspect_ratio: str = "checkpoint"
-    # frame of normalised boxes in answers and rewards: original image | padded square
-    box_frame: str = "padded"
+    # frame of normalised boxes in answers and rewards: original (official PerPO data) | padded
+    box_frame: str = "original"
     min_margin: float = 0.8  # lists whose best − worst reward is below this are dropped
     skip_invalid: bool = False  # skip (and report) malformed lines / missing images instead of failing
     seed: int = 0
@@ -220,7 +240,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+            raise ConfigError(f"{key}: expected true or false, got {value!r} (YAML 1.1 "
+                              "yes/no/on/off are not accepted for boolean keys)")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -275,7 +298,6 @@ def validate(cfg: Config) -> Config:
         "train.num_candidates": cfg.train.num_candidates,
         "train.max_length": cfg.train.max_length,
         "train.max_response_length": cfg.train.max_response_length,
-        "train.rounds": cfg.train.rounds,
         "train.epochs": cfg.train.epochs,
         "optim.grad_accum": cfg.optim.grad_accum,
         "sampling.num_samples": cfg.sampling.num_samples,
@@ -287,8 +309,9 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if cfg.train.steps < 0:
-        raise ConfigError(f"train.steps: must be >= 0, got {cfg.train.steps}")
+    for key in ("rounds", "steps"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key}: must be >= 0, got {getattr(cfg.train, key)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
@@ -335,7 +358,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
     return key, value
@@ -359,7 +382,7 @@ def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):

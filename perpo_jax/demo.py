@@ -201,14 +201,29 @@ def _export_and_check(model, data, cfg, out_dir: str) -> None:
           f"({sum(p.numel() for p in loaded.parameters())} parameters)", flush=True)
 
 
+# The table's two rates, each with one meaning: (column header, what it counts)
+_RATES = (("train samples/s", "candidates sampled per second in the method's training rounds "
+           "(- : trained on the ground truth, nothing sampled)"),
+          ("eval ex/s", "held-out examples greedy-decoded per second"))
+
+
+def _rate(value, width: int) -> str:
+    return f"{value:>{width}.1f}" if value else f"{'-':>{width}}"
+
+
 def _print_table(results: dict) -> None:
+    """One row per method: the eval metrics, then `_RATES` (never one column for both)."""
     keys = sorted({k for r in results.values() for k, v in r["metrics"].items()
                    if isinstance(v, (int, float)) and k not in ("count", "samples_per_s")})
-    head = f"{'method':<12}" + "".join(f"{k:>14}" for k in keys) + f"{'samples/s':>12}"
+    widths = [len(header) + 2 for header, _ in _RATES]
+    head = (f"{'method':<12}" + "".join(f"{k:>14}" for k in keys)
+            + "".join(f"{header:>{w}}" for (header, _), w in zip(_RATES, widths)))
     print(head)
     print("-" * len(head))
     for name, r in results.items():
         row = f"{name:<12}" + "".join(f"{r['metrics'].get(k, float('nan')):>14.4f}" for k in keys)
-        sps = r.get("samples_per_s") or r["metrics"].get("samples_per_s")
-        print(row + (f"{sps:>12.1f}" if sps else f"{'-':>12}"))
+        train_rate, eval_rate = r.get("samples_per_s"), r["metrics"].get("samples_per_s")
+        print(row + _rate(train_rate, widths[0]) + _rate(eval_rate, widths[1]))
+    for header, meaning in _RATES:
+        print(f"  {header}: {meaning}")
     print(json.dumps({n: r["metrics"] for n, r in results.items()}))

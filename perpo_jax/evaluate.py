@@ -7,7 +7,12 @@ Decoding is `perpo_jax.sampling.sample` at temperature 0 with one sample per pro
 first `cfg.eval.num_examples` examples in batches of `cfg.eval.batch_size` (the last batch is
 padded with copies of its last example so every batch has one compiled shape; the padded
 results are dropped). Prompts are padded to the longest prompt of the evaluated examples,
-rounded up to a multiple of 32 tokens (`data.batching.bucketed`: fewer recompiles).
+rounded up to a multiple of 32 tokens (`data.batching.bucketed`: fewer recompiles). The
+training length limit holds here too: prompt + `eval.max_new_tokens` <= `train.max_length`,
+else a `PromptTooLongError` names the example and the keys.
+
+The split defaults to "val", or to "train" for data without a val split (`official_json`
+lists are train-only); asking for a split the data lacks is an error saying so.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from tqdm.auto import tqdm
 
 from perpo_jax import metrics as metrics_lib
 from perpo_jax.config import Config, ConfigError
-from perpo_jax.data.batching import bucketed
+from perpo_jax.data.batching import PromptTooLongError, bucketed
 from perpo_jax.data.prepare import Example, prompt_batch_for, record_example
 from perpo_jax.data.shapes_grounding import GROUNDING_PROMPT
 from perpo_jax.rewards import REWARDS
@@ -43,27 +48,61 @@ class EvalResult:
     images: list[np.ndarray]
 
 
-def _split_source(data, split: str):
+def default_split(data) -> str:
+    """The split used when none is given: "val", or "train" where the data has no val split
+    (official_json lists)."""
+    return "val" if data.val is not None else "train"
+
+
+def split_source(data, split: str, source_name: str):
+    """The records of `split` ("train" | "val"); a one-line error when the data lacks it."""
     source = getattr(data, split, None) if split in ("train", "val") else None
     if source is None:
-        raise ConfigError(f"data.source: the prepared dataset has no {split!r} split to evaluate")
+        hint = ""
+        if source_name == "official_json":
+            hint = (": official PerPO lists are train-only; pass --split train, or evaluate on "
+                    "held-out data (data.source=refcoco_style or refer, data.path=...)")
+        raise ConfigError(f"--split {split}: data.source={source_name!r} has no {split!r} "
+                          f"split{hint}")
     return source
 
 
-def prompt_length(examples: list[Example], processor) -> int:
-    """The longest prompt (image tokens included), rounded up to the prompt bucket."""
+def prompt_limit(cfg: Config, new_tokens_key: str) -> tuple[int, str]:
+    """(the longest prompt that leaves room for `new_tokens_key` generated tokens within
+    `train.max_length`, that difference spelled out with its keys for error messages)."""
+    section, name = new_tokens_key.split(".")
+    new_tokens = getattr(getattr(cfg, section), name)
+    most = cfg.train.max_length - new_tokens
+    return most, (f"train.max_length - {new_tokens_key} = {cfg.train.max_length} - "
+                  f"{new_tokens} = {most}")
+
+
+def prompt_length(examples: list[Example], processor,
+                  limit: tuple[int, str] | None = None) -> int:
+    """The longest prompt (image tokens included), rounded up to the prompt bucket and capped
+    at `limit` (from `prompt_limit`); a prompt longer than the limit is a PromptTooLongError
+    naming the example and the key to raise (prompts are never truncated)."""
     h, w = processor.pixel_values([examples[0].image]).shape[-2:]
-    longest = max(len(processor.encode_prompt(e.question, h, w)) for e in examples)
-    return bucketed(longest)
+    lengths = [len(processor.encode_prompt(e.question, h, w)) for e in examples]
+    longest = max(lengths)
+    if limit is None:
+        return bucketed(longest)
+    most, spelled = limit
+    if longest > most:
+        i = lengths.index(longest)
+        raise PromptTooLongError(
+            f"prompt of example {i} ({examples[i].question[:40]!r}) has {longest} tokens (image "
+            f"tokens included) > {spelled}: raise train.max_length (prompts are never truncated)")
+    return min(bucketed(longest), most)
 
 
 def greedy_texts(model, examples: list[Example], processor, *, batch_size: int,
-                 max_new_tokens: int, mesh=None, progress: bool = True) -> list[str]:
-    """Greedy answers [N] of `model` for `examples`, decoded (EOS and padding removed)."""
-
-
+                 max_new_tokens: int, mesh=None, progress: bool = True,
+                 prompt_len: int | None = None) -> list[str]:
+    """Greedy answers [N] of `model` for `examples`, decoded (EOS and padding removed).
+    prompt_len: the padded prompt width (None: `prompt_length(examples, processor)`)."""
     tok = processor.tokenizer
-    length = prompt_length(examples, processor)
+    length = prompt_length(examples, processor) if prompt_len is None else prompt_len
     texts: list[str] = []
     with tqdm(total=len(examples), desc="eval", unit="ex", disable=not progress) as bar:
         for start in range(0, len(examples), batch_size):
@@ -95,19 +134,23 @@ def task_metrics(task: str, texts: list[str], examples: list[Example]) -> tuple[
     return {"mean_reward": float(rewards.mean()), "count": len(texts)}, gt
 
 
-def evaluate(model, data, cfg: Config, *, split: str = "val", mesh=None,
+def evaluate(model, data, cfg: Config, *, split: str | None = None, mesh=None,
              progress: bool = True) -> EvalResult:
-    """Greedy-decodes the first `cfg.eval.num_examples` of `split` and scores them."""
-    source = _split_source(data, split)
+    """Greedy-decodes the first `cfg.eval.num_examples` of `split` (None: `default_split`)
+    and scores them."""
+    split = default_split(data) if split is None else split
+    source = split_source(data, split, cfg.data.source)
     n = min(cfg.eval.num_examples, len(source))
     if n < 1 or cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.num_examples / eval.batch_size: nothing to evaluate "
                           f"(num_examples={cfg.eval.num_examples}, batch_size="
                           f"{cfg.eval.batch_size}, split {split!r} has {len(source)})")
     examples = [record_example(source[i]) for i in range(n)]
+    length = prompt_length(examples, data.processor, prompt_limit(cfg, "eval.max_new_tokens"))
     start = time.perf_counter()
     texts = greedy_texts(model, examples, data.processor, batch_size=cfg.eval.batch_size,
-                         max_new_tokens=cfg.eval.max_new_tokens, mesh=mesh, progress=progress)
+                         max_new_tokens=cfg.eval.max_new_tokens, mesh=mesh, progress=progress,
+                         prompt_len=length)
     elapsed = time.perf_counter() - start
     metrics, gt = task_metrics(data.task, texts, examples)
     metrics = dict(metrics, samples_per_s=n / elapsed if elapsed > 0 else float("nan"),

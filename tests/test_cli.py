@@ -1,6 +1,8 @@
 """`perpo-jax` CLI end to end on a tiny config (in-process `cli.main`)."""
+import argparse
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import pytest
 import yaml
 
 from perpo_jax import cli
+from perpo_jax.atomic import current_umask
 
 CLI_SCRIPT = os.path.join(os.path.dirname(sys.executable), "perpo-jax")
 
@@ -41,6 +44,45 @@ def test_help_is_fast_and_lists_commands():
         assert command in help_text.stdout
 
 
+def test_every_argument_has_help_and_train_help_says_modes_and_outputs():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{name} {action.dest} has no help"
+    train = sub.choices["train"].format_help()
+    for needle in ("online", "offline", "train.out_dir", "checkpoints/", "metrics.jsonl", "tb/"):
+        assert needle in train
+    assert "official_json" in sub.choices["eval"].format_help()  # no val split there
+
+
+def test_config_paths_are_made_absolute_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"{key}=rel/{key}" for key in cli.PATH_KEYS]
+    cfg = cli._load(argparse.Namespace(config=None, overrides=overrides))
+    for key in cli.PATH_KEYS:
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == str(tmp_path / "rel" / key)
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--checkpoint", "nope"],
+    ["eval", "--checkpoint", "nope", "--out", "eval"],
+    ["export", "--checkpoint", "nope", "--out", "hf"],
+    ["convert", "--to-hf", "--checkpoint", "nope", "--out", "hf"],
+    ["eval", "--checkpoint", "empty", "--out", "eval"],  # exists, holds no checkpoint
+])
+def test_bad_checkpoint_is_one_line_before_any_work(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert cli.main(argv + ["data.data_dir=data"]) == 1
+    err = capsys.readouterr().err
+    checkpoint = argv[argv.index("--checkpoint") + 1]
+    assert err.count("\n") == 1 and str(tmp_path / checkpoint) in err
+    assert sorted(os.listdir(tmp_path)) == ["empty"]  # no dataset, no checkpoint dir, no out
+
+
 @pytest.mark.parametrize("argv, key", [
     (["eval", "--out", "x", "eval.nope=1"], "eval.nope"),
     (["prepare-data", "data.num_train=many"], "data.num_train"),
@@ -59,6 +101,18 @@ def test_prepare_data_reports_counts(tiny_config, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert (summary["train"], summary["val"]) == (16, 8)
     assert summary["data_dir"] == str(root / "data") and summary["tokenizer_size"] > 261
+    assert summary["dataset"] == "reused" and "same settings" in summary["dataset_reason"]
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_prompt_too_long_names_the_key_to_raise(tiny_config, command, capsys):
+    root, config = tiny_config
+    new_tokens = {"eval": "eval.max_new_tokens = 24 - 6",
+                  "sample": "sampling.max_new_tokens = 24 - 6"}
+    argv = [command, "--config", config, "train.max_length=24"]
+    assert cli.main(argv + (["--out", str(root / "long")] if command == "eval" else [])) == 1
+    err = capsys.readouterr().err
+    assert f"train.max_length - {new_tokens[command]} = 18: raise train.max_length" in err
 
 
 def test_eval_writes_report_and_png(tiny_config, capsys):
@@ -118,7 +172,52 @@ def test_convert_round_trip(tiny_config):
     assert len(samples.read_text().splitlines()) == 1
 
 
-def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys):
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch):
+    """cwd: run/ holding a (fake) checkpoint, data/ and base/ (model.hf_path), each with a file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "checkpoints" / "5" / "train_state").mkdir(parents=True)
+    for name in ("run", "data", "base", "other"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "keep.txt").write_text("x")
+    cfg = {"train": {"out_dir": "run"}, "data": {"data_dir": "data"}, "model": {"hf_path": "base"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["export", "--checkpoint", "run/checkpoints", "--out", "run"], "contains the checkpoint"),
+    (["export", "--checkpoint", "run/checkpoints", "--out", "run/checkpoints"],
+     "is the checkpoint"),
+    (["export", "--checkpoint", "run/checkpoints", "--out", "run/checkpoints/hf"],
+     "lies inside the checkpoint"),
+    (["export", "--checkpoint", "run/checkpoints/5", "--out", "run/hf"],
+     "lies inside the run dir (train.out_dir)"),
+    (["export", "--checkpoint", "run/checkpoints", "--out", "data"], "is the data dir"),
+    (["export", "--checkpoint", "run/checkpoints", "--out", "base"], "is the base model"),
+    (["convert", "--to-hf", "--checkpoint", "run/checkpoints", "--out", "data/hf"],
+     "lies inside the data dir (data.data_dir)"),
+    (["convert", "--from-hf", "base", "--out", "base/ckpt"],
+     "lies inside the source model (--from-hf)"),
+])
+def test_out_never_destroys_inputs_even_with_overwrite(fake_run, argv, needle, capsys):
+    assert cli.main(argv + ["--config", "c.yaml", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "refused even with --overwrite" in err
+    for name in ("run", "data", "base"):
+        assert (fake_run / name / "keep.txt").exists()
+    assert (fake_run / "run" / "checkpoints" / "5" / "train_state").is_dir()
+
+
+@pytest.mark.parametrize("command", [["export"], ["convert", "--to-hf"]])
+def test_non_empty_out_needs_overwrite(fake_run, command, capsys):
+    argv = command + ["--checkpoint", "run/checkpoints", "--out", "other", "--config", "c.yaml"]
+    assert cli.main(argv) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (fake_run / "other" / "keep.txt").exists()
+
+
+def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys, monkeypatch):
     import jax
     import optax
     from flax import nnx
@@ -152,7 +251,17 @@ def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys):
     q_proj = ("language_model", "layers", 0, "self_attn", "q_proj", "kernel")
     base_q = np.asarray(dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))[q_proj].get_value())
     hf = str(root / "hf_export")
-    assert cli.main(["export", "--checkpoint", str(ckpt_dir), "--out", hf]) == 0  # config from metadata
+    os.makedirs(hf)
+    (root / "hf_export" / "stale.txt").write_text("x")
+    monkeypatch.chdir(root)  # relative paths, as the README writes them; config from metadata
+    assert cli.main(["export", "--checkpoint", "train_ckpt", "--out", "hf_export"]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["export", "--checkpoint", "train_ckpt", "--out", "hf_export",
+                     "--overwrite"]) == 0
+    assert not os.path.exists(os.path.join(hf, "stale.txt"))
+    umask = current_umask()  # shared files, not tempfile's private 0700 / 0600
+    assert stat.S_IMODE(os.stat(hf).st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(os.stat(os.path.join(hf, "model.safetensors")).st_mode) == 0o666 & ~umask
     want = nnx.state(merge_lora(model), nnx.Param)
     got = nnx.state(load_pretrained(hf), nnx.Param)
     flat_want, flat_got = dict(nnx.to_flat_state(want)), dict(nnx.to_flat_state(got))
@@ -162,3 +271,14 @@ def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys):
                                    np.asarray(var.get_value()), rtol=1e-6, atol=1e-6,
                                    err_msg=str(path))
     assert not np.allclose(np.asarray(flat_got[q_proj].get_value()), base_q)  # LoRA was merged
+
+
+def test_demo_table_keeps_training_and_eval_rates_apart(capsys):
+    from perpo_jax.demo import _print_table
+
+    _print_table({"sft_warmup": {"metrics": {"acc@0.5": 0.1, "samples_per_s": 67.0}},
+                  "perpo": {"metrics": {"acc@0.5": 0.2, "samples_per_s": 66.0},
+                            "samples_per_s": 901.0}})
+    head, _, sft, perpo = capsys.readouterr().out.splitlines()[:4]
+    assert head.split()[-4:] == ["train", "samples/s", "eval", "ex/s"]
+    assert sft.split()[-2:] == ["-", "67.0"] and perpo.split()[-2:] == ["901.0", "66.0"]

@@ -47,6 +47,17 @@ def test_bad_overrides_name_the_key(override, needle):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("raw", ["yes", "no", "on", "Off", "y"])
+def test_yaml11_booleans_are_refused_naming_the_key(tmp_path, raw):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"lora:\n  enabled: {raw}\n")
+    with pytest.raises(ConfigError, match=rf"lora\.enabled: expected true or false, got '{raw}'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"data\.relations: expected true or false"):
+        load_config(None, [f"data.relations={raw}"])
+    assert load_config(None, ["lora.enabled=False", "data.relations=TRUE"]).data.relations is True
+
+
 def test_bad_yaml_names_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim: [unclosed\n")
@@ -84,6 +95,13 @@ def test_shipped_configs_load_and_validate():
     assert (perpo.optim.lr, perpo.optim.warmup_ratio, perpo.optim.weight_decay) == (5e-6, 0.03, 0.0)
     assert (perpo.train.lists_per_step, perpo.train.num_candidates, perpo.train.max_length) == (2, 20, 2048)
     assert (perpo.data.min_margin, perpo.model.dtype) == (0.8, "bfloat16")
+    # the official run: projector trained too, dropout off, bf16 base sharded (ZeRO-3 / fsdp),
+    # the LLaVA-v1 conversation over pad-to-square images, boxes in the original frame
+    assert perpo.lora.trainable == ["multi_modal_projector"]
+    assert perpo.train.disable_dropout and perpo.model.param_dtype == "float32"
+    assert perpo.mesh.shape == [1, -1, 1]
+    assert (perpo.data.template, perpo.data.image_aspect_ratio, perpo.data.box_frame) == (
+        "llava_v1", "pad", "original")
     # baselines differ from the recipe only in the loss (and where they write)
     for variant in (dpo, lipo):
         for section in ("model", "lora", "optim", "mesh", "sampling", "data"):
@@ -91,6 +109,7 @@ def test_shipped_configs_load_and_validate():
     assert (dpo.loss.name, lipo.loss.name, lipo.loss.gamma) == ("dpo", "lipo", 0.0)
     ocr = cfgs["qwen2_siglip_ocr_perpo"]
     assert (ocr.train.num_candidates, ocr.data.min_margin, ocr.lora.trainable) == (5, 0.04, ["multi_modal_projector"])
+    assert ocr.mesh.shape == [1, -1, 1] and ocr.train.rounds == 0  # one pass over the data
 
 
 def test_base_chain_is_checked(tmp_path):

@@ -4,20 +4,25 @@
     batch = prompt_batch_for([record_example(data.val[i]) for i in range(4)], data.processor, None)
 
 Where things live under `cfg.data.data_dir`:
-    <builder name>/<config name>/<version>/...      TFDS array_record files
+    <builder name>/<config name>/<version>/...      TFDS array_record files; for file sources
+                                                    the config name is <file stem>_<content
+                                                    key> (see `_dataset_name`)
     processors/<dataset>-img<S>-p<patch>-v<vocab>/   LlavaPromptProcessor (tokenizer + image
                                                     processor) for a model without hf_path
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
+import json
 import os
 import re
 import tempfile
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
@@ -43,6 +48,9 @@ class DataHandle:
     data_dir: where the dataset lives; processor_dir: the processor's files (copied into HF
       exports), None when they come from `model.hf_path`.
     skipped: entries left out under `data.skip_invalid` (`refcoco_style.Skipped`).
+    built: whether this call built the dataset (False: reused from data_dir);
+      cache_reason: why, in one line (what `perpo-jax prepare-data` prints).
+    train_text: the train split with images NOT decoded (same records otherwise), or None.
     """
 
     train: Any
@@ -52,6 +60,9 @@ class DataHandle:
     data_dir: str
     processor_dir: str | None = None
     skipped: tuple = ()
+    train_text: Any | None = None
+    built: bool = False
+    cache_reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +81,12 @@ class Example:
 # ----------------------------------------------------------------------------- records
 
 
-def _text(value) -> str:
+def text_of(value) -> str:
     """TFDS Text features come back as bytes; the one place they become str."""
     if isinstance(value, (bytes, np.bytes_)):
         return bytes(value).decode("utf-8")
     if isinstance(value, np.ndarray) and value.ndim == 0:
-        return _text(value.item())
+        return text_of(value.item())
     return str(value)
 
 
@@ -87,16 +98,16 @@ def record_example(record: dict) -> Example:
     image = np.asarray(record["image"])
     if image.ndim != 3 or image.dtype != np.uint8:
         raise ValueError(f"record image must be HWC uint8, got {image.shape} {image.dtype}")
-    answer = _text(record["answer"])
+    answer = text_of(record["answer"])
     box = record.get("box")
     box = None if box is None else np.asarray(box, np.float32).reshape(4)
     responses = rewards = None
     if "candidates" in record:
-        responses = [_text(c) for c in record["candidates"]]
+        responses = [text_of(c) for c in record["candidates"]]
         rewards = np.asarray(record["scores"], np.float32)
         if box is None:
             box = parse_box(answer)
-    return Example(image=image, question=_text(record["question"]), answer=answer, box=box,
+    return Example(image=image, question=text_of(record["question"]), answer=answer, box=box,
                    responses=responses, rewards=rewards)
 
 
@@ -112,11 +123,94 @@ def prompt_batch_for(examples: list[Example], processor, max_length: int | None)
 # ----------------------------------------------------------------------------- data
 
 
-def _slug(text: str) -> str:
-    """A TFDS-config-safe name for a file path: readable stem + hash of the absolute path."""
-    digest = hashlib.sha1(os.path.abspath(text).encode()).hexdigest()[:10]
-    stem = re.sub(r"[^a-z0-9]+", "_", os.path.splitext(os.path.basename(text))[0].lower())
-    return f"{stem.strip('_') or 'data'}_{digest}"
+# Bump when what the key covers changes: every dataset is then rebuilt once.
+_CACHE_KEY_VERSION = 1
+
+
+def _stem(path: str) -> str:
+    """The readable part of a dataset name: the file (or dir) name, TFDS-config-safe."""
+    name = os.path.splitext(os.path.basename(path.rstrip("/")))[0].lower()
+    return re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "data"
+
+
+def _slug(path: str, digest: str) -> str:
+    """A TFDS-config-safe name: readable stem of `path` + 12 hex digits of `digest`."""
+    return f"{_stem(path)}_{digest[:12]}"
+
+
+def _content_digest(files: list[str], settings: dict) -> str:
+    """sha256 over `settings` and the bytes of `files` (each named by its base name)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in files:
+        with open(path, "rb") as f:
+            file_hash = hashlib.file_digest(f, "sha256").hexdigest()
+        h.update(f"{os.path.basename(path)}:{file_hash};".encode())
+    return h.hexdigest()
+
+
+def _source_files(cfg: Config) -> list[str]:
+    """The annotation files the records are read from (for `refer`: inside data.path)."""
+    d = cfg.data
+    if d.source != "refer":
+        return [d.path]
+    files = [os.path.join(d.path, f"refs({d.refer_split_by}).p"),
+             os.path.join(d.path, "instances.json")]
+    for path in files:
+        if not os.path.isfile(path):
+            raise ConfigError(f"data.path: {path} does not exist (data.source='refer' reads "
+                              f"refs(<data.refer_split_by>).p and instances.json from data.path)")
+    return files
+
+
+def _dataset_name(cfg: Config) -> str:
+    """The TFDS config name of a file source's dataset: <stem of data.path>_<content key>.
+
+    The key hashes the annotation files' CONTENT and every setting that changes the records
+    (source, image_dir, skip_invalid, box_frame, refer_split_by), so an edited file or a
+    changed setting builds a new dataset instead of serving the old records. Images are read
+    by path: replacing an image file in place is not seen (delete the dataset dir).
+    """
+    d = cfg.data
+    settings = {"key_version": _CACHE_KEY_VERSION, "source": d.source,
+                "image_dir": os.path.abspath(d.image_dir), "skip_invalid": d.skip_invalid,
+                "box_frame": None if d.source == "official_json" else d.box_frame,
+                "refer_split_by": d.refer_split_by if d.source == "refer" else None}
+    return _slug(d.path, _content_digest(_source_files(cfg), settings))
+
+
+def _tokenizer_digest(tokenizer: str) -> str:
+    """Content key of a tokenizer dir (its top-level files); of the name when not a dir."""
+    if not os.path.isdir(tokenizer):
+        return hashlib.sha256(tokenizer.encode()).hexdigest()
+    files = sorted(e.path for e in os.scandir(tokenizer) if e.is_file())
+    return _content_digest(files, {"key_version": _CACHE_KEY_VERSION})
+
+
+def _prepared_dirs(data_dir: str) -> set[str]:
+    """Version dirs (<builder>/<config>/<version>) of the datasets already built in data_dir."""
+    root = glob.escape(os.path.abspath(data_dir))
+    pattern = os.path.join(root, "*", "*", "*", "dataset_info.json")
+    return {os.path.realpath(os.path.dirname(p)) for p in glob.glob(pattern)}
+
+
+def _cache_report(cfg: Config, builder, known: set[str]) -> tuple[bool, str]:
+    """(built, why): whether this call built `builder`'s dataset, and why, in one line."""
+    here = os.path.realpath(builder.data_dir)
+    synthetic = cfg.data.source in SYNTHETIC_SOURCES
+    if here in known:
+        what = "settings" if synthetic else "annotation content and settings"
+        return False, f"reused {here}: built earlier from the same {what}"
+    if synthetic:
+        return True, f"built {here}: no dataset with these settings in data.data_dir yet"
+    same_file = re.compile(rf"^{re.escape(_stem(cfg.data.path))}_[0-9a-f]{{12}}(_|$)")
+    builder_dir, config_name = os.path.split(os.path.dirname(here))
+    siblings = {os.path.basename(os.path.dirname(k)) for k in known
+                if os.path.dirname(os.path.dirname(k)) == builder_dir}
+    older = sorted(n for n in siblings if n != config_name and same_file.match(n))
+    if older:
+        return True, (f"built {here}: {cfg.data.path} (its content) or a data.* setting "
+                      f"changed since {', '.join(older)} was built (kept; delete it if unused)")
+    return True, f"built {here}: first build of {cfg.data.path} with these settings"
 
 
 def _build_dataset(cfg: Config):
@@ -137,10 +231,17 @@ def _build_dataset(cfg: Config):
     for key, path in (("data.path", d.path), ("data.image_dir", d.image_dir)):
         if not os.path.exists(path):
             raise ConfigError(f"{key}: {path} does not exist")
-    build = (refcoco_builders.build_refcoco_style if d.source == "refcoco_style"
-             else refcoco_builders.build_official_lists)
-    builder, skipped = build(d.data_dir, d.path, d.image_dir, name=_slug(d.path),
-                             skip_invalid=d.skip_invalid)
+    if d.source == "refer":
+        builder, skipped = refcoco_builders.build_refer(
+            d.data_dir, d.path, d.image_dir, split_by=d.refer_split_by, name=_dataset_name(cfg),
+            box_frame=d.box_frame, skip_invalid=d.skip_invalid)
+    elif d.source == "refcoco_style":
+        builder, skipped = refcoco_builders.build_refcoco_style(
+            d.data_dir, d.path, d.image_dir, name=_dataset_name(cfg), box_frame=d.box_frame,
+            skip_invalid=d.skip_invalid)
+    else:  # official_json: answers and iou_scores as given, no frame conversion
+        builder, skipped = refcoco_builders.build_official_lists(
+            d.data_dir, d.path, d.image_dir, name=_dataset_name(cfg), skip_invalid=d.skip_invalid)
     return builder, tuple(skipped)
 
 
@@ -158,8 +259,8 @@ def _train_tokenizer(train, vocab_size: int, out_dir: str, progress: bool):
     questions, answers = [], []
     for i in tqdm(range(len(train)), desc="tokenizer corpus", unit="ex", disable=not progress):
         record = train[i]
-        questions.append(_text(record["question"]))
-        answers.append(_text(record["answer"]))
+        questions.append(text_of(record["question"]))
+        answers.append(text_of(record["answer"]))
     return train_tokenizer(tokenizer_corpus(questions, answers), vocab_size, out_dir)
 
 
@@ -175,7 +276,7 @@ def _local_processor(cfg: Config, builder, train, progress: bool):
     vocab = int(tiny_kwargs(cfg).get("vocab_size", DEFAULT_VOCAB_SIZE))
     name = f"{builder.name}-{builder.builder_config.name}-img{image_size}-p{patch}-v{vocab}"
     if cfg.data.tokenizer is not None:
-        name += f"-tok_{_slug(cfg.data.tokenizer)}"
+        name += f"-tok_{_slug(cfg.data.tokenizer, _tokenizer_digest(cfg.data.tokenizer))}"
     out_dir = os.path.join(os.path.abspath(cfg.data.data_dir), "processors", name)
     if os.path.exists(os.path.join(out_dir, "perpo_processor.json")):
         return LlavaPromptProcessor.from_pretrained(out_dir), out_dir
@@ -207,18 +308,25 @@ def prepare_data(cfg: Config, *, progress: bool = True) -> DataHandle:
     """Builds (once) and opens the dataset and processor `cfg.data` / `cfg.model` describe.
 
     Idempotent: the dataset's TFDS config name and the processor dir name encode every
-    setting, so a second call (or another run with the same settings) reuses the files.
-    TFDS shows its own per-split generation progress bar.
+    setting (and, for file sources, the annotation files' content), so a second call (or
+    another run with the same settings and files) reuses the files; `built` / `cache_reason`
+    of the result say which happened and why. TFDS shows its per-split progress bars.
     """
     if cfg.data.task not in REWARDS:
         raise ConfigError(f"data.task: {cfg.data.task!r} is not a registered reward "
                           f"({', '.join(sorted(REWARDS))})")
+    known = _prepared_dirs(cfg.data.data_dir)
     builder, skipped = _build_dataset(cfg)
+    built, cache_reason = _cache_report(cfg, builder, known)
     train, val = _splits(builder, cfg.data.source)
     if cfg.model.hf_path is not None:
         processor, processor_dir = _hf_processor(cfg), None
     else:
         processor, processor_dir = _local_processor(cfg, builder, train, progress)
+    # images left as encoded bytes: a pass over the texts/scores (offline list planning)
+    # then costs no image decoding
+    train_text = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
     return DataHandle(train=train, val=val, processor=processor, task=cfg.data.task,
                       data_dir=os.path.abspath(cfg.data.data_dir), processor_dir=processor_dir,
-                      skipped=skipped)
+                      skipped=skipped, train_text=train_text, built=built,
+                      cache_reason=cache_reason)

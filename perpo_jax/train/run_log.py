@@ -1,6 +1,11 @@
 """Per-step metrics of a run: JSONL (the record), TensorBoard (to watch), a PNG of curves.
 
 Only process 0 writes. Values are plain floats by the time they get here.
+
+TensorBoard gets ONE events file per run, `<out_dir>/tb/events.out.tfevents.perpo_jax`, that
+every invocation (a resume, a failed start) appends to; it is created at the first logged
+value, so an invocation that fails before logging leaves nothing behind, and a resume drops
+the events logged after the checkpoint it resumes from, as it does in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -8,31 +13,109 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import struct
+import time
+from collections.abc import Iterator, Mapping, Sequence
 
 from matplotlib.figure import Figure  # no pyplot: no global backend state
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.record_writer import masked_crc32c
 
 from perpo_jax.atomic import atomic_file
 
 CURVES = ("loss", "pair_accuracy", "mean_reward")
+EVENTS_FILE = "events.out.tfevents.perpo_jax"  # TensorBoard reads files named *tfevents*
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC32C, the data, its masked CRC32C (little-endian)."""
+    header = struct.pack("<Q", len(data))
+    return (header + struct.pack("<I", masked_crc32c(header)) + data
+            + struct.pack("<I", masked_crc32c(data)))
+
+
+def _records(blob: bytes) -> Iterator[tuple[bytes, int]]:
+    """(data, end offset) of each intact record of `blob`; stops at a torn or corrupt one."""
+    at = 0
+    while at + 12 <= len(blob):
+        header = blob[at:at + 8]
+        (length,) = struct.unpack("<Q", header)
+        end = at + 12 + length + 4
+        if (struct.unpack("<I", blob[at + 8:at + 12])[0] != masked_crc32c(header)
+                or end > len(blob)):
+            return
+        data = blob[at + 12:end - 4]
+        if struct.unpack("<I", blob[end - 4:end])[0] != masked_crc32c(data):
+            return
+        yield data, end
+        at = end
+
+
+class EventsFile:
+    """A TensorBoard events file that is appended to, never recreated (see module doc)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._checked = False
+
+    def events(self) -> list[Event]:
+        """Every intact event in the file (a record torn by a kill ends the list)."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, "rb") as f:
+            return [Event.FromString(data) for data, _ in _records(f.read())]
+
+    def add_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        if not scalars:
+            return
+        if not self._checked:
+            self._drop_torn_tail()
+            self._checked = True
+        events = []
+        if not os.path.exists(self.path):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            events.append(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
+        events.append(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+        with open(self.path, "ab") as f:
+            f.write(b"".join(_record(e.SerializeToString()) for e in events))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops the events of steps after `step` (kept: the file-version header)."""
+        events = self.events()
+        keep = [e for e in events if e.step <= step]
+        if len(keep) < len(events):
+            self._rewrite(keep)
+
+    def _drop_torn_tail(self) -> None:
+        """A kill mid-append leaves a partial record; appending after it would hide every
+        later event from TensorBoard, so the file is cut back to its intact records."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb") as f:
+            blob = f.read()
+        intact = max((end for _, end in _records(blob)), default=0)
+        if intact < len(blob):
+            self._rewrite([Event.FromString(data) for data, _ in _records(blob)])
+
+    def _rewrite(self, events: Sequence[Event]) -> None:
+        with atomic_file(self.path) as tmp, open(tmp, "wb") as f:
+            f.write(b"".join(_record(e.SerializeToString()) for e in events))
 
 
 class RunLog:
     """Appends one JSON object per record to `<out_dir>/metrics.jsonl` and mirrors scalars to
-    TensorBoard under `<out_dir>/tb`. Re-opening an existing run appends (resume)."""
+    the run's one TensorBoard events file under `<out_dir>/tb`. Re-opening an existing run
+    appends to both (resume)."""
 
     def __init__(self, out_dir: str, *, enabled: bool = True, tensorboard: bool = True):
         self.out_dir = out_dir
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        self._writer = None
-        if not enabled:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(os.path.join(out_dir, "tb"))
+        self.events = EventsFile(os.path.join(out_dir, "tb", EVENTS_FILE)) if tensorboard else None
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
 
     def write(self, record: Mapping[str, float], *, step: int, kind: str = "step") -> None:
         if not self.enabled:
@@ -40,10 +123,11 @@ class RunLog:
         row = {"kind": kind, "step": int(step), **{k: _plain(v) for k, v in record.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._writer is not None:
-            for name, value in row.items():
-                if isinstance(value, (int, float)) and math.isfinite(value) and name != "step":
-                    self._writer.add_scalar(f"{kind}/{name}", value, int(step))
+        if self.events is not None:
+            self.events.add_scalars(
+                {f"{kind}/{name}": float(value) for name, value in row.items()
+                 if name != "step" and isinstance(value, (int, float)) and math.isfinite(value)},
+                step)
 
     def records(self, kind: str | None = None) -> list[dict]:
         """Logged rows (of one kind); a line cut short by a kill is skipped."""
@@ -61,16 +145,18 @@ class RunLog:
     def truncate_after(self, step: int) -> None:
         """Drops rows logged after `step`: on resume from checkpoint `step`, the steps a killed
         run logged past it are run (and logged) again."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled:
+            return
+        if self.events is not None:
+            self.events.truncate_after(step)
+        if not os.path.exists(self.path):
             return
         keep = [r for r in self.records() if r.get("step", 0) <= step]
         with atomic_file(self.path) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Nothing stays open between writes; kept so callers can treat it as a resource."""
 
 
 def _plain(value):
