@@ -8,3 +8,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # noqa: E402  (after the environment above, like every jax-importing module)
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    """(tmp dir, prepared tiny shapes dataset + processor) for the loop tests, built once."""
+    from tiny_run import tiny_cfg
+
+    from perpo_jax.data import prepare
+
+    tmp = tmp_path_factory.mktemp("loop")
+    data = prepare.prepare_data(tiny_cfg(tmp, "data.task=test_digits"), progress=False)
+    return tmp, data

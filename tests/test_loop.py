@@ -8,45 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from perpo_jax.data import prepare
-from perpo_jax.config import config_from_dict
-from perpo_jax.rewards import REWARDS, register_reward
+from tiny_run import TINY_MODEL, tiny_cfg
+
 from perpo_jax.train.loop import train
-
-TINY_MODEL = "model.tiny={hidden_size: 32, num_layers: 1, image_size: 16, patch_size: 8, vocab_size: 320}"
-
-
-def _digit_share(texts, targets):
-    """A reward a random model's samples spread over (so lists have valid pairs)."""
-    del targets
-    return np.asarray([sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts], np.float32)
-
-
-if "test_digits" not in REWARDS:
-    register_reward("test_digits", _digit_share)
-
-
-def tiny_cfg(tmp, *overrides):
-    base = [
-        f"data.data_dir={tmp}/data", "data.num_train=32", "data.num_val=8", "data.image_size=32",
-        "data.min_margin=0.0", TINY_MODEL, "lora.enabled=false",
-        "sampling.prompts_per_round=8", "sampling.num_samples=4", "sampling.max_new_tokens=8",
-        "train.num_candidates=4", "train.lists_per_step=8", "train.max_length=192",
-        "train.max_response_length=12", "train.rounds=2", "train.steps=2",
-        f"train.out_dir={tmp}/run", "optim.lr=1e-3", "optim.warmup_ratio=0.0",
-        "checkpoint.save_every=1", "checkpoint.keep=10", "checkpoint.async_save=false",
-        "eval.num_examples=8", "eval.batch_size=8", "eval.max_new_tokens=8",
-    ]
-    return config_from_dict({}, base + list(overrides))
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("loop")
-    cfg = tiny_cfg(tmp, "data.task=test_digits")
-    data = prepare.prepare_data(cfg, progress=False)
-    return tmp, data
-
 
 def _params(result):
     from flax import nnx
@@ -71,14 +35,17 @@ def test_online_rounds_train_checkpoint_and_log(shared, tmp_path):
     assert os.path.exists(os.path.join(cfg.train.out_dir, "lists", "host000", "round_00001.npz"))
 
 
-def test_resume_mid_round_continues_exactly(shared, tmp_path):
+def test_resume_mid_round_continues_exactly(shared, tmp_path, capsys):
     _, data = shared
     common = ("data.task=test_digits", f"data.data_dir={data.data_dir}", "loss.name=perpo")
     straight = train(tiny_cfg(tmp_path / "a", *common), data=data, progress=False)
     cfg_b = tiny_cfg(tmp_path / "b", *common)
     first = train(cfg_b, data=data, progress=False, stop_at_step=3)  # inside round 1
     assert first.preempted and first.steps == 3
+    capsys.readouterr()
     resumed = train(cfg_b, data=data, progress=False)
+    assert f"resuming from step 3 of 4 (checkpoint {cfg_b.train.out_dir}/checkpoints)" in \
+        capsys.readouterr().out
     assert resumed.steps == 4 and [h["step"] for h in resumed.history] == [4]
     a, b = _params(straight), _params(resumed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from test_scoring import make_batch
@@ -63,7 +64,7 @@ def test_step_on_2x2x2_mesh_equals_single_device():
             a = state.params["language_model"]["layers"][0]["mlp"]["up_proj"]["lora"]["a"]
             assert tuple(a.sharding.spec) == ("fsdp", None)
             assert a.addressable_shards[0].data.shape == (16, 8)  # [32, 8] over fsdp=2
-            mu = state.opt_state[1][0].mu["language_model"]["layers"][0]["mlp"]["up_proj"]["lora"]["a"]
+            mu = state.opt_state[1].mu["language_model"]["layers"][0]["mlp"]["up_proj"]["lora"]["a"]
             assert mu.sharding == a.sharding
             q = frozen["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
             assert tuple(q.sharding.spec) == ("fsdp", "tensor", None)
@@ -238,3 +239,40 @@ def test_bf16_compute_with_remat_keeps_float32_master_state():
         floats = jax.tree.leaves((state.params, state.opt_state))
         assert all(x.dtype in (jnp.float32, jnp.int32) for x in floats)
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.02, losses
+
+
+def test_optimizer_times_schedule_is_adamw():
+    """chain update × schedule(t) == optax.adamw(schedule) over steps with no skip."""
+    cfg = OptimConfig(lr=1e-2, warmup_ratio=0.25, weight_decay=0.1, grad_clip=0.5)
+    tx, schedule = make_optimizer(cfg, total_steps=8)
+    reference = optax.chain(optax.clip_by_global_norm(0.5),
+                            optax.adamw(schedule, weight_decay=0.1,
+                                        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    params = {"w": jnp.arange(6.0).reshape(2, 3) / 7, "b": jnp.ones(3)}
+    ours, theirs = dict(params), dict(params)
+    s_ours, s_theirs = tx.init(ours), reference.init(theirs)
+    rng = np.random.default_rng(0)
+    for t in range(6):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        u, s_ours = tx.update(grads, s_ours, ours)
+        ours = jax.tree.map(lambda p, d: p + schedule(t) * d, ours, u)
+        v, s_theirs = reference.update(grads, s_theirs, theirs)
+        theirs = optax.apply_updates(theirs, v)
+    assert_trees_close(ours, theirs, atol=1e-7)
+
+
+def test_skipped_update_keeps_lr_on_the_plan():
+    """A non-finite batch is skipped but its place in the schedule is used up: the lr of the
+    last planned update is schedule(total - 1), not one behind."""
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    optim = OptimConfig(lr=1e-2, schedule="linear", warmup_ratio=0.0, eps=1e-3)
+    step, state, frozen, reference, _, cfg = setup(mesh, optim=optim)
+    good = make_batch(cfg, with_image=True, b=4, seed=7)
+    bad = dict(good, rewards=np.full_like(np.asarray(good["rewards"]), np.nan))
+    lrs = []
+    for batch in (good, bad, good):
+        state, metrics = step(state, frozen, reference, batch)
+        lrs.append(float(metrics["lr"]))
+    assert int(state.skipped) == 1 and int(state.step) == 3
+    _, schedule = make_optimizer(optim, total_steps=20)
+    np.testing.assert_allclose(lrs, [float(schedule(t)) for t in range(3)], rtol=1e-6)

@@ -9,9 +9,12 @@ a list of records, ...). Sampling is by index:
   `N // H` items so every host runs the same number of steps (so hosts never disagree on
   when an epoch ends); the shards of one epoch are disjoint and, when H divides N, cover
   every index;
-- batches are `batch_size` items per host; the last partial batch of a host's epoch is
-  DROPPED (fixed shapes for jit), so up to `batch_size - 1` items per host per epoch are
-  skipped — different ones each epoch when shuffling.
+- batches are `batch_size` items per host; by default the last partial batch of a host's
+  epoch is DROPPED (fixed shapes for jit), so up to `batch_size - 1` items per host per epoch
+  are skipped — different ones each epoch when shuffling. With `drop_remainder=False` every
+  index is used exactly once per epoch: host h takes ALL of positions h, h + H, ...; every
+  host makes ceil(ceil(N / H) / batch_size) batches, the last ones shorter (or empty on a
+  host with fewer items), and the caller pads (offline lists: one exact pass per epoch).
 
 The position is two ints, `{"epoch", "batch"}` (the next batch to produce); `state()` /
 `restore()` round-trip it, so a restored loader continues with exactly the same batches.
@@ -35,11 +38,13 @@ class ShardedLoader:
       shuffle: permute each epoch (else natural order).
       num_epochs: stop after this many epochs (None: forever).
       transform: applied to each record as it is read (e.g. decoding).
+      drop_remainder: drop each host's last partial batch (see module docstring).
     """
 
     def __init__(self, source: Sequence[Any], batch_size: int, *, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-                 num_epochs: int | None = None, transform: Callable[[Any], Any] | None = None):
+                 num_epochs: int | None = None, transform: Callable[[Any], Any] | None = None,
+                 drop_remainder: bool = True):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         if batch_size < 1:
@@ -52,8 +57,13 @@ class ShardedLoader:
         self.shuffle = shuffle
         self.num_epochs = num_epochs
         self.transform = transform
-        self.per_host = len(source) // process_count
-        self.batches_per_epoch = self.per_host // batch_size
+        self.drop_remainder = drop_remainder
+        if drop_remainder:
+            self.per_host = len(source) // process_count
+            self.batches_per_epoch = self.per_host // batch_size
+        else:  # host 0 holds the most items; every host makes as many batches as it does
+            self.per_host = -(-len(source) // process_count)
+            self.batches_per_epoch = -(-self.per_host // batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"source of {len(source)} items gives {self.per_host} per host, fewer than "
@@ -63,18 +73,21 @@ class ShardedLoader:
         self._order_cache: tuple[int, np.ndarray] | None = None  # (epoch, its indices)
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
-        """[N // H] int64: this host's indices for `epoch`, in the order they are used."""
+        """[N // H] int64 (all of this host's positions without drop_remainder): this host's
+        indices for `epoch`, in the order they are used."""
         if self._order_cache is not None and self._order_cache[0] == epoch:
             return self._order_cache[1]
         n = len(self.source)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle \
             else np.arange(n)
-        mine = order[self.process_index::self.process_count][: self.per_host]
+        mine = order[self.process_index::self.process_count]
+        if self.drop_remainder:  # every host the same count
+            mine = mine[: self.per_host]
         self._order_cache = (epoch, mine)
         return mine
 
     def batch_indices(self, epoch: int, batch: int) -> np.ndarray:
-        """[batch_size] int64: source indices of batch `batch` of `epoch` on this host."""
+        """[<= batch_size] int64: source indices of batch `batch` of `epoch` on this host."""
         start = batch * self.batch_size
         return self.epoch_indices(epoch)[start: start + self.batch_size]
 
@@ -102,3 +115,17 @@ class ShardedLoader:
             self._epoch, self._batch = self._epoch + 1, 0
         records = [self.source[int(i)] for i in indices]
         return [self.transform(r) for r in records] if self.transform else records
+
+
+class Subset:
+    """The records of `source` at `indices`, in that order, as a random-access source."""
+
+    def __init__(self, source: Sequence[Any], indices: Sequence[int]):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.source[int(self.indices[i])]

@@ -10,11 +10,16 @@ One round (online mode):
 
 Offline mode replaces sampling by the pre-sampled candidates of the official PerPO JSON
 (`answers_gen` + `iou_scores`); `loss.name=sft` with `loss.sft_target=ground_truth` trains on
-the ground-truth answers (no sampling). Rounds take `sampling.prompts_per_round` prompts each
-from the resumable loader; online: `train.rounds` rounds; offline: `train.epochs` passes over
-the data. A round runs `train.steps` updates (0: ceil(prompts_per_round / lists_per_step),
-times `epochs` online), each on `train.lists_per_step` of the round's kept lists (cycled), so
-every method gets the same number of updates whatever its lists.
+the ground-truth answers (no sampling).
+
+Online: `train.rounds` rounds (0: one pass over the data) of `sampling.prompts_per_round`
+prompts from the resumable loader; a round runs `train.steps` updates (0:
+ceil(prompts_per_round / lists_per_step) × epochs), each on `train.lists_per_step` of the
+round's kept lists (cycled), so every method gets the same number of updates whatever its
+lists. Offline: the filters run over the whole file first; each of `train.epochs` epochs
+visits every kept list exactly once, `lists_per_step` per update, in rounds of
+OFFLINE_ROUND_STEPS updates. Either way the schedule's length is the number of planned
+updates, and a skipped update or a round that kept no list still advances it.
 
 Resume is exact: the checkpoint holds the train state and the position (round, step in round,
 loader), and each round's lists are on disk, so a run killed mid-round continues with the same
@@ -37,7 +42,7 @@ from tqdm.auto import tqdm
 from perpo_jax.checkpoint import Checkpointer, PreemptionGuard
 from perpo_jax.config import Config, ConfigError, config_to_dict
 from perpo_jax.data import prepare
-from perpo_jax.data.loader import ShardedLoader
+from perpo_jax.data.loader import ShardedLoader, Subset
 from perpo_jax.models import from_config
 from perpo_jax.models.config import as_jnp_dtype
 from perpo_jax.models.lora import LoRAParam, apply_lora
@@ -47,7 +52,7 @@ from perpo_jax.train.listset import ListSet
 from perpo_jax.train.optim import make_optimizer
 from perpo_jax.train.run_log import RunLog, plot_curves
 from perpo_jax.train.state import (create_train_state, partition_model, reference_state,
-                                   trained_model)
+                                   trained_model, with_storage_dtypes)
 from perpo_jax.train.step import build_ref_logps, build_train_step
 
 
@@ -61,41 +66,84 @@ class TrainResult:
     preempted: bool  # stopped early by SIGTERM / stop_at_step, with a checkpoint
 
 
+# Offline: updates per round. A round's lists are held in host memory and saved for resume,
+# so a round is a bounded chunk of the data, not the whole file.
+OFFLINE_ROUND_STEPS = 32
+
+
 @dataclasses.dataclass
 class _Plan:
-    rounds: int
-    steps_per_round: int
+    round_steps: tuple[int, ...]  # updates in each round
     local_lists: int  # this host's rows of a step batch (real lists + empty padding)
     real_local: int  # real lists per step on this host (train.lists_per_step / hosts)
+    # offline: update i of a round trains lists [i·real, (i+1)·real) of the round's order, so
+    # an epoch visits every kept list exactly once; online: the round's lists are cycled
+    exact_pass: bool
+
+    @property
+    def rounds(self) -> int:
+        return len(self.round_steps)
 
     @property
     def total_steps(self) -> int:
-        return self.rounds * self.steps_per_round
+        return sum(self.round_steps)
+
+    def steps_before(self, round_index: int) -> int:
+        return sum(self.round_steps[:round_index])
 
 
-def make_plan(cfg: Config, mesh, num_train: int) -> _Plan:
-    """Rounds and updates per round (see module docstring), and the step batch layout: exactly
+def _batch_layout(cfg: Config, mesh) -> tuple[int, int]:
+    """(this host's step-batch rows, real lists per step on this host): exactly
     `train.lists_per_step` real lists per update, padded with empty lists to a multiple of
     (data · fsdp · grad_accum) rows so the batch shards and splits into micro-batches."""
     hosts = jax.process_count()
     if cfg.train.lists_per_step % hosts:
-        raise ValueError(f"train.lists_per_step={cfg.train.lists_per_step} must be a multiple of "
-                         f"the {hosts} hosts (each host trains on its own lists)")
+        raise ConfigError(f"train.lists_per_step={cfg.train.lists_per_step} must be a multiple "
+                          f"of the {hosts} hosts (each host trains on its own lists)")
     unit = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.optim.grad_accum
     batch_lists = -(-cfg.train.lists_per_step // unit) * unit
-    per_round = cfg.sampling.prompts_per_round
+    return batch_lists // hosts, cfg.train.lists_per_step // hosts
+
+
+def online_plan(cfg: Config, mesh, num_train: int) -> _Plan:
+    """`train.rounds` rounds (0: one pass over the data, ceil(prompts per host /
+    prompts_per_round)) of `train.steps` updates (0: ceil(prompts_per_round /
+    lists_per_step) × epochs), each on `lists_per_step` of the round's kept lists, cycled."""
+    local_lists, real_local = _batch_layout(cfg, mesh)
+    per_round, hosts = cfg.sampling.prompts_per_round, jax.process_count()
     per_host = num_train // hosts
     if per_host < per_round:
-        raise ValueError(f"sampling.prompts_per_round={per_round} exceeds the {per_host} "
-                         f"training prompts of this host")
-    if cfg.train.mode == "online":
-        rounds = cfg.train.rounds
-        default_steps = math.ceil(per_round / cfg.train.lists_per_step) * cfg.train.epochs
-    else:
-        rounds = cfg.train.epochs * (per_host // per_round)
-        default_steps = math.ceil(per_round / cfg.train.lists_per_step)
-    return _Plan(rounds, cfg.train.steps or default_steps, batch_lists // hosts,
-                 cfg.train.lists_per_step // hosts)
+        raise ConfigError(f"sampling.prompts_per_round={per_round} exceeds the {per_host} training "
+                          f"prompts per host ({num_train} prompts, {hosts} host(s)): lower it")
+    rounds = cfg.train.rounds or math.ceil(per_host / per_round)
+    steps = cfg.train.steps or math.ceil(per_round / cfg.train.lists_per_step) * cfg.train.epochs
+    return _Plan((steps,) * rounds, local_lists, real_local, exact_pass=False)
+
+
+def offline_plan(cfg: Config, mesh, num_kept: int) -> _Plan:
+    """`train.epochs` exact passes over the `num_kept` lists that survive the filters: rounds
+    of OFFLINE_ROUND_STEPS updates (the last one of an epoch shorter), one update per
+    `lists_per_step` lists, the last update of a round taking the rest. The schedule's
+    length is therefore the number of updates that really happen."""
+    if cfg.train.steps:
+        raise ConfigError(f"train.steps={cfg.train.steps}: offline runs make one update per "
+                          "train.lists_per_step kept lists (each list once per epoch); set it to 0")
+    local_lists, real_local = _batch_layout(cfg, mesh)
+    per_host = -(-num_kept // jax.process_count())  # host 0 holds the most lists
+    chunk = real_local * OFFLINE_ROUND_STEPS
+    epoch = tuple(math.ceil(min(chunk, per_host - start) / real_local)
+                  for start in range(0, per_host, chunk))
+    return _Plan(epoch * cfg.train.epochs, local_lists, real_local, exact_pass=True)
+
+
+# Paths are stored absolute (the CLI resolves them); older runs saved them as typed.
+_PATH_KEYS = {"data.data_dir", "data.path", "data.image_dir", "data.tokenizer", "model.hf_path"}
+
+
+def _same_value(dotted: str, saved, now) -> bool:
+    if dotted in _PATH_KEYS and isinstance(saved, str) and isinstance(now, str):
+        return os.path.abspath(os.path.expanduser(saved)) == os.path.abspath(now)
+    return saved == now
 
 
 # Sections whose change makes an existing checkpoint a different run.
@@ -110,7 +158,8 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
     for section in _RUN_DEFINING:
         for key, value in now[section].items():
             dotted = f"{section}.{key}"
-            if dotted not in _NOT_RUN_DEFINING and saved.get(section, {}).get(key) != value:
+            if dotted not in _NOT_RUN_DEFINING and not _same_value(
+                    dotted, saved.get(section, {}).get(key), value):
                 diffs.append(dotted)
     return diffs
 
@@ -118,17 +167,21 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
 class _Trainer:
     """Everything live during a run; `train` drives it."""
 
-    def __init__(self, cfg: Config, data, model, mesh):
-        self.cfg, self.data, self.mesh = cfg, data, mesh
+    def __init__(self, cfg: Config, data, model, mesh, plan: _Plan):
+        self.cfg, self.data, self.mesh, self.plan = cfg, data, mesh, plan
         lora_cfg = cfg.lora if cfg.lora.enabled else None
         if lora_cfg is not None:
             if jax.tree.leaves(nnx.state(model, LoRAParam)):
                 raise ValueError("train(model=...) got a model that already has LoRA adapters: merge "
-                                 "them (train.lora.merge_lora) so the reference is that model")
-            apply_lora(model, cfg.lora, nnx.Rngs(cfg.train.seed),
+                                 "them (models.lora.merge_lora) so the reference is that model")
+            # the official trainer runs with disable_dropout=True: LoRA's dropout is 0 too
+            lora_apply = (dataclasses.replace(cfg.lora, dropout=0.0)
+                          if cfg.train.disable_dropout else cfg.lora)
+            apply_lora(model, lora_apply, nnx.Rngs(cfg.train.seed),
                        param_dtype=as_jnp_dtype(cfg.model.param_dtype))
-        self.parts = partition_model(model, lora_cfg)
-        self.plan = make_plan(cfg, mesh, len(data.train))
+        self.parts = with_storage_dtypes(partition_model(model, lora_cfg),
+                                         frozen_dtype=as_jnp_dtype(cfg.model.dtype),
+                                         trainable_dtype=as_jnp_dtype(cfg.model.param_dtype))
         optimizer, schedule = make_optimizer(cfg.optim, self.plan.total_steps)
         self.state, self.frozen, self.reference = create_train_state(
             self.parts, optimizer, mesh, cfg.train.seed)
@@ -163,7 +216,9 @@ class _Trainer:
             lists = rounds.ground_truth_lists(cfg, proc, examples)
         else:
             lists = rounds.offline_round_lists(cfg, proc, examples)
-        pixel_shape = proc.pixel_values([examples[0].image]).shape[1:]
+        # a host whose share of an exact pass ran out has no example this round
+        image = examples[0].image if examples else np.zeros((8, 8, 3), np.uint8)
+        pixel_shape = proc.pixel_values([image]).shape[1:]
         lists, self.most_lists = rounds.align_across_hosts(lists, cfg, proc, pixel_shape)
         if self.most_lists and self.ref_fn is not None:
             rounds.add_ref_logps(lists, self.ref_fn, self.state, self.frozen, self.reference,
@@ -171,13 +226,17 @@ class _Trainer:
         return lists
 
     def step(self, lists: ListSet, round_index: int, step_in_round: int) -> dict | None:
-        """One update on `plan.real_local` lists of a per-round permutation (cycled), padded
-        with empty lists; None when no host kept a list this round (nothing to learn)."""
+        """One update on `plan.real_local` lists of a per-round permutation (the next ones of an
+        exact pass, or cycled online), padded with empty lists; None when no host kept a list
+        this round (nothing to learn)."""
         if not self.most_lists:
             return None
         n, real = len(lists), self.plan.real_local
         order = np.random.default_rng([self.cfg.train.seed, round_index]).permutation(n)
-        idx = [int(order[(step_in_round * real + j) % n]) for j in range(min(real, n))] if n else []
+        if self.plan.exact_pass:
+            idx = [int(i) for i in order[step_in_round * real:(step_in_round + 1) * real]]
+        else:
+            idx = [int(order[(step_in_round * real + j) % n]) for j in range(min(real, n))] if n else []
         batch = to_global(lists.step_batch(idx, self.plan.local_lists), self.mesh)
         t0 = time.perf_counter()
         self.state, metrics = self.step_fn(self.state, self.frozen, self.reference, batch)
@@ -186,6 +245,36 @@ class _Trainer:
         metrics["step_seconds"] = seconds
         metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / max(seconds, 1e-9)
         return metrics
+
+    def skip_updates(self, count: int) -> None:
+        """Counts `count` planned updates as taken and skipped (a round that kept no list), so
+        the learning-rate schedule stays aligned with the plan and still reaches its end."""
+        self.state = self.state.replace(step=self.state.step + count,
+                                        skipped=self.state.skipped + count)
+
+
+def _plan_and_loader(cfg: Config, mesh, data) -> tuple[_Plan, ShardedLoader]:
+    """The run's plan and its prompt loader. Offline: the filters run over the texts and
+    scores first, the loader visits only the kept records (each once per epoch), and a run
+    that would keep nothing is an error before anything is built."""
+    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if cfg.train.mode == "online":
+        plan = online_plan(cfg, mesh, len(data.train))
+        loader = ShardedLoader(data.train, cfg.sampling.prompts_per_round, seed=cfg.data.seed,
+                               **hosts)
+        return plan, loader
+    kept, counts = rounds.offline_kept(cfg, data.train_text or data.train)
+    drops = rounds.describe_drops(counts, cfg.data.min_margin)
+    if not len(kept):
+        raise ConfigError(f"train.mode=offline: none of the {counts['records']} lists of "
+                          f"data.path is kept ({drops}): the run would train 0 steps")
+    plan = offline_plan(cfg, mesh, len(kept))
+    loader = ShardedLoader(Subset(data.train, kept), plan.real_local * OFFLINE_ROUND_STEPS,
+                           seed=cfg.data.seed, drop_remainder=False, **hosts)
+    if jax.process_index() == 0:
+        print(f"[train] offline: {len(kept)} of {counts['records']} lists kept ({drops}); "
+              f"{plan.total_steps} updates over {cfg.train.epochs} epoch(s)", flush=True)
+    return plan, loader
 
 
 def _lists_path(out_dir: str, round_index: int) -> str:
@@ -211,6 +300,9 @@ def _open_checkpoints(cfg: Config, trainer: _Trainer, loader: ShardedLoader):
     restored = ckpt.restore_latest(trainer.abstract_state())
     trainer.state = restored.train_state
     loader.restore(restored.data_state["loader"])
+    if jax.process_index() == 0:
+        print(f"[train] resuming from step {int(trainer.state.step)} of "
+              f"{trainer.plan.total_steps} (checkpoint {ckpt.directory})", flush=True)
     return ckpt, restored.data_state
 
 
@@ -218,17 +310,17 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
           stop_at_step: int | None = None) -> TrainResult:
     """Runs (or resumes) the configured training; see the module docstring.
 
-    data / model / mesh: pre-built objects (`perpo_jax.data.prepare`, `perpo_jax.models.from_config`), e.g. an SFT model to align
-    (LoRA is attached to it in place when enabled: pass a clone to keep the original);
-    built from `cfg` when None. stop_at_step: stop after this global step with a checkpoint,
-    exactly as a SIGTERM would (for tests and time-boxed jobs).
+    data / model / mesh: pre-built objects (`data.prepare.prepare_data`,
+    `models.from_config.build_model` / `build_mesh`), e.g. an SFT model to align (LoRA is
+    attached to it in place when enabled: pass a clone to keep the original); built from
+    `cfg` when None. stop_at_step: stop after this global step with a checkpoint, exactly as
+    a SIGTERM would (for tests and time-boxed jobs).
     """
     mesh = mesh if mesh is not None else from_config.build_mesh(cfg)
     data = data if data is not None else prepare.prepare_data(cfg, progress=progress)
+    plan, loader = _plan_and_loader(cfg, mesh, data)
     model = model if model is not None else from_config.build_model(cfg, mesh, data.processor)
-    trainer = _Trainer(cfg, data, model, mesh)
-    loader = ShardedLoader(data.train, cfg.sampling.prompts_per_round, seed=cfg.data.seed,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+    trainer = _Trainer(cfg, data, model, mesh, plan)
     ckpt, position = _open_checkpoints(cfg, trainer, loader)
     log = RunLog(cfg.train.out_dir, enabled=jax.process_index() == 0)
     if position is None:
@@ -242,6 +334,11 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
             if run.preempted:
                 break
     final_step = int(trainer.state.step)
+    if not run.preempted and not run.history and run.rounds:
+        ckpt.close()  # nothing was trained: no checkpoint that would lock this run's config
+        raise ConfigError(f"0 updates: every list of the {len(run.rounds)} round(s) was dropped "
+                          f"({rounds.describe_drops(run.dropped, cfg.data.min_margin)}); lower "
+                          "data.min_margin or check the rewards")
     if not run.preempted:
         ckpt.maybe_save(final_step, trainer.state, position, force=True)
     ckpt.wait()
@@ -270,6 +367,19 @@ class _Run:
     history: list = dataclasses.field(default_factory=list)
     rounds: list = dataclasses.field(default_factory=list)
     preempted: bool = False
+    dropped: dict = dataclasses.field(default_factory=dict)  # list drop counts over rounds
+
+    def _report_round(self, r: int, stats: dict) -> None:
+        """One line per round: lists kept of prompts, and why the others were dropped."""
+        for key, value in stats.items():
+            if key.startswith("dropped_") or key == "duplicates_removed":
+                self.dropped[key] = self.dropped.get(key, 0) + value
+        if jax.process_index() != 0:
+            return
+        kept, prompts = int(stats.get("lists_kept", 0)), int(stats.get("prompts", 0))
+        drops = rounds.describe_drops(stats, self.cfg.data.min_margin)
+        note = "" if kept else f": its {self.trainer.plan.round_steps[r]} updates are skipped"
+        _say(self.bar, f"[round {r}] {kept}/{prompts} lists kept on host 0 ({drops}){note}")
 
     def round(self, r: int, position: dict, guard) -> dict:
         """Runs round r from `position` (maybe mid-round); returns the position after it."""
@@ -291,9 +401,14 @@ class _Run:
             lists.save(path)
             self.rounds.append({"round": r, **lists.stats})
             self.log.write(lists.stats, step=int(trainer.state.step), kind="round")
-        for i in range(position["step_in_round"], trainer.plan.steps_per_round):
+            self._report_round(r, lists.stats)
+        planned = trainer.plan.round_steps[r]
+        for i in range(position["step_in_round"], planned):
             metrics = trainer.step(lists, r, i)
-            if metrics is None:
+            if metrics is None:  # no host kept a list: the round's updates are skipped
+                trainer.skip_updates(planned - i)
+                if self.bar is not None:
+                    self.bar.update(planned - i)
                 break
             step = int(trainer.state.step)
             metrics.update(round=r, mean_reward=lists.stats.get("mean_reward", float("nan")))
@@ -301,7 +416,7 @@ class _Run:
             if step % cfg.train.log_every == 0:
                 self.log.write(metrics, step=step)
             _advance(self.bar, metrics)
-            last = i + 1 == trainer.plan.steps_per_round
+            last = i + 1 == planned
             position = {"round": r + 1 if last else r, "step_in_round": 0 if last else i + 1,
                         "loader": self.loader.state(), "loader_at_round_start": start_state}
             self.ckpt.maybe_save(step, trainer.state, position)
@@ -313,15 +428,35 @@ class _Run:
                 "loader_at_round_start": start_state}
 
 
+def _say(bar, text: str) -> None:
+    """A line above the progress bar (or plain print without one)."""
+    if bar is not None:
+        bar.write(text)
+    else:
+        print(text, flush=True)
+
+
 def _progress(enabled: bool, total: int, initial: int):
     if not enabled or jax.process_index() != 0:
         return None
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    bar.set_postfix_str("compiling…")
+    bar.compiled = False
+    return bar
 
 
 def _advance(bar, metrics: dict) -> None:
+    """Progress with the metric names of metrics.jsonl; the clock and the smoothed rate (so
+    the ETA) restart after the first step of this process, whose time is mostly compilation."""
     if bar is None:
         return
-    bar.update(1)
-    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('pair_accuracy', 0.0):.2f}",
-                    tok_s=f"{metrics['tokens_per_s']:.0f}")
+    if bar.compiled:
+        bar.update(1)
+    else:
+        bar.compiled = True
+        done = bar.n + 1
+        bar.reset()  # restarts start_t AND tqdm's smoothed rate (start_t alone keeps the rate)
+        bar.initial = bar.n = bar.last_print_n = done
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                    pair_accuracy=f"{metrics.get('pair_accuracy', 0.0):.2f}",
+                    tokens_per_s=f"{metrics['tokens_per_s']:.0f}")

@@ -1,8 +1,13 @@
 """AdamW with warmup + cosine/linear/constant schedule and global-norm clipping.
 
+The learning rate is NOT inside the optax chain: the chain computes AdamW's update for
+lr = 1 (clip → Adam moments → decoupled weight decay → negate) and the step multiplies it by
+`schedule(t)`, t = the update's index in the run's plan (`TrainState.step`). optax's own
+count only advances when an update is applied, so an lr read from it would fall behind at
+every skipped (non-finite) update or list-less round and never reach the schedule's end.
+
 Gradient accumulation is NOT done here: `perpo_jax.train.step` scans over micro-batches of
 lists (`microbatched`) and applies this optimizer once per step, so one step == one update.
-The schedule is returned as well so the step can report the learning rate it used.
 """
 
 from __future__ import annotations
@@ -54,11 +59,13 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optax AdamW chain, lr schedule) for `cfg` (`OptimConfig`).
+    """(optax chain giving AdamW's update at lr = 1, lr schedule) for `cfg` (`OptimConfig`).
 
-    Chain: clip_by_global_norm(grad_clip) (skipped when grad_clip <= 0) -> AdamW(schedule,
-    b1, b2, eps, weight_decay on >=2-D params). Optimizer state has the params' tree
-    structure, so it is sharded with the same rules (see `train.state`).
+    Chain: clip_by_global_norm(grad_clip) (skipped when grad_clip <= 0) -> scale_by_adam(b1,
+    b2, eps) -> add_decayed_weights(weight_decay, >=2-D params) -> scale(-1). The update of
+    step t is `schedule(t) * chain_update`, which is exactly optax.adamw(schedule)'s update
+    when no step is skipped. Optimizer state has the params' tree structure, so it is sharded
+    with the same rules (see `train.state`).
     """
     if cfg.grad_accum < 1:
         raise ValueError(f"optim.grad_accum must be >= 1, got {cfg.grad_accum}")
@@ -66,14 +73,7 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     parts = []
     if cfg.grad_clip and cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(
-        optax.adamw(
-            schedule,
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=_decay_mask,
-        )
-    )
+    parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+              optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
+              optax.scale(-1.0)]
     return optax.chain(*parts), schedule

@@ -11,8 +11,9 @@ import numpy as np
 
 from perpo_jax.config import Config
 from perpo_jax.data.batching import PromptTooLongError, bucketed
-from perpo_jax.data.prepare import prompt_batch_for
-from perpo_jax.rewards import get_reward
+from perpo_jax.data.prepare import prompt_batch_for, text_of
+from perpo_jax.evaluate import prompt_length, prompt_limit
+from perpo_jax.rewards import build_lists, get_reward
 from perpo_jax.sampling import sample
 from perpo_jax.train.hosts import global_max, local_rows, to_global
 from perpo_jax.train.listset import (ListSet, lists_from_candidates,
@@ -93,6 +94,10 @@ def sample_round_lists(cfg: Config, processor, model, mesh, examples, round_inde
 
 def offline_round_lists(cfg: Config, processor, examples) -> ListSet:
     """Lists from pre-sampled candidates (official PerPO JSON: answers_gen + iou_scores)."""
+    if not examples:
+        return ListSet({}, {"prompts": 0.0, "lists_kept": 0.0})
+    # a too-long prompt is an error naming the key to raise, before any list is built
+    prompt_length(examples, processor, prompt_limit(cfg, "train.max_response_length"))
     missing = [i for i, ex in enumerate(examples) if ex.responses is None]
     if missing:
         raise ValueError(f"train.mode=offline needs pre-sampled candidates, but records {missing[:5]} "
@@ -106,6 +111,9 @@ def offline_round_lists(cfg: Config, processor, examples) -> ListSet:
 
 
 def ground_truth_lists(cfg: Config, processor, examples) -> ListSet:
+    if not examples:
+        return ListSet({}, {"prompts": 0.0, "lists_kept": 0.0})
+    prompt_length(examples, processor, prompt_limit(cfg, "train.max_response_length"))
     return lists_from_ground_truth(
         processor, examples, max_prompt=cfg.train.max_length - cfg.train.max_response_length,
         max_response=cfg.train.max_response_length)
@@ -142,3 +150,45 @@ def add_ref_logps(lists: ListSet, ref_fn, state, frozen, reference, mesh, rows: 
         ref = local_rows(ref_fn(state.params, frozen, reference, batch))
         out[start:start + len(idx)] = ref[:len(idx)]
     lists.arrays["ref_logps"] = out
+
+
+def offline_kept(cfg: Config, source) -> tuple[np.ndarray, dict]:
+    """Which records of an offline source make a list: (indices [M] int64, counts).
+
+    The same filter `offline_round_lists` applies (dedup, `data.min_margin`, thinning to
+    `train.num_candidates`), run once over the texts and scores before training, so the plan
+    knows how many updates an exact pass takes. Ground-truth SFT keeps every record. counts:
+    {"records", "kept", "duplicates_removed", "dropped_<reason>"}.
+    """
+    n = len(source)
+    if uses_ground_truth(cfg):
+        return np.arange(n, dtype=np.int64), {"records": n, "kept": n}
+    responses, scores = [], []
+    for i in range(n):
+        record = source[i]
+        if "candidates" not in record:
+            raise ValueError(f"train.mode=offline needs pre-sampled candidates, but record {i} of "
+                             f"data.source={cfg.data.source!r} has none")
+        responses.append([text_of(c) for c in record["candidates"]])
+        scores.append(np.asarray(record["scores"], np.float64))
+    built = build_lists(responses, scores, min_margin=cfg.data.min_margin,
+                        max_size=cfg.train.num_candidates)
+    kept = np.asarray([c.index for c in built.lists], np.int64)
+    counts = {"records": n, "kept": len(kept), "duplicates_removed": built.duplicates_removed,
+              **{f"dropped_{k}": v for k, v in built.dropped.items()}}
+    return kept, counts
+
+
+def describe_drops(counts: dict, min_margin: float) -> str:
+    """'3 below data.min_margin=0.8, 1 with < 2 distinct candidates' from list counts."""
+    parts = []
+    if counts.get("dropped_margin"):
+        parts.append(f"{int(counts['dropped_margin'])} with best - worst reward below "
+                     f"data.min_margin={min_margin}")
+    if counts.get("dropped_too_few"):
+        parts.append(f"{int(counts['dropped_too_few'])} with fewer than 2 distinct candidates")
+    if counts.get("dropped_nonfinite_reward"):
+        parts.append(f"{int(counts['dropped_nonfinite_reward'])} with a non-finite reward")
+    if counts.get("duplicates_removed"):
+        parts.append(f"{int(counts['duplicates_removed'])} duplicate candidates removed")
+    return ", ".join(parts) or "none dropped"

@@ -64,6 +64,22 @@ def partition_model(model, lora_cfg) -> ModelParts:
     return ModelParts(graphdef, params, frozen, reference)
 
 
+def with_storage_dtypes(parts: ModelParts, frozen_dtype, trainable_dtype) -> ModelParts:
+    """`parts` with floating frozen weights stored in `frozen_dtype` (the compute dtype: the
+    official bf16 run keeps its 7B base in bf16, half of float32's bytes) and floating
+    trainable weights — and so their optimizer state — in `trainable_dtype` (float32
+    masters). The reference copies keep the trainable dtype; integer/RNG leaves are untouched."""
+
+    def cast(dtype):
+        def one(x):
+            return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        return lambda tree: jax.tree.map(one, tree)
+
+    return parts._replace(params=cast(trainable_dtype)(parts.params),
+                          frozen=cast(frozen_dtype)(parts.frozen),
+                          reference=cast(trainable_dtype)(parts.reference))
+
+
 def reference_state(params: nnx.State, reference: nnx.State) -> nnx.State:
     """Trainable slots of the reference model: LoRA zeroed (x·0 = 0 exactly), the rest from
     `reference` (initial values). Merge with `frozen` to get the base model."""

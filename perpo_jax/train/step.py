@@ -218,8 +218,10 @@ def train_step(state: TrainState, frozen, reference, batch, *, graphdef, loss_cf
     # A batch without any valid list must not move the weights either: AdamW would still
     # apply its momentum to a zero gradient.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (weight > 0)
+    # lr of the update's place in the plan (state.step), not of optax's applied-update count
+    lr = jnp.asarray(schedule(state.step), jnp.float32)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+    params = jax.tree.map(lambda p, u: (p + lr * u).astype(p.dtype), state.params, updates)
     skipped = state.skipped + (~ok).astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1,
@@ -232,7 +234,7 @@ def train_step(state: TrainState, frozen, reference, batch, *, graphdef, loss_cf
         metrics,
         loss=loss,
         grad_norm=grad_norm,
-        lr=jnp.asarray(schedule(state.step - state.skipped), jnp.float32),  # lr of this update
+        lr=lr,
         skipped=skipped,
         applied=ok.astype(jnp.int32),
     )
