@@ -140,10 +140,12 @@ def _naive_token_logps(model, batch: Batch) -> jax.Array:
     pixels = batch.get("pixel_values")
     if pixels is not None:
         pixels = jnp.repeat(pixels, k, axis=0)  # [B*K, C, H, W], list-major like ids
-    logits = model(ids.reshape(b * k, t), attention_mask=mask.reshape(b * k, t), pixel_values=pixels)
+    embeds = model.embed(ids.reshape(b * k, t), pixels)
+    hidden, _ = model.prefill(embeds, mask.reshape(b * k, t))  # [B*K, T, D], positions 0..T-1
     plen = prompt_lengths(batch["prompt_mask"])
-    # Response token r of candidate (b, k) is predicted at position L_b - 1 + r.
+    # Response token r of candidate (b, k) is predicted at position L_b - 1 + r: only those R
+    # hidden states go through lm_head (the same numbers as logits everywhere, then picked).
     where = jnp.maximum(plen - 1, 0)[:, None] + jnp.arange(r, dtype=jnp.int32)[None, :]  # [B, R]
     where = jnp.repeat(where, k, axis=0)  # [B*K, R]
-    picked = jnp.take_along_axis(logits, where[:, :, None], axis=1)  # [B*K, R, V]
-    return target_logps(picked, response_ids.reshape(b * k, r)).reshape(b, k, r)
+    picked = jnp.take_along_axis(hidden, where[:, :, None], axis=1)  # [B*K, R, D]
+    return target_logps(model.logits(picked), response_ids.reshape(b * k, r)).reshape(b, k, r)

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "list_step.py"
 TOP_LEVEL = ("machine", "config", "ours_shared_s", "ours_naive_s", "torch_naive_s",
              "speedup_shared_vs_naive", "flop_ratio_naive_over_shared", "speedup_vs_torch",
-             "logp_max_abs_diff", "compile_s", "timings", "flops", "last_loss", "skipped_updates")
+             "logp_max_abs_diff", "compile_s", "memory", "timings", "flops", "last_loss", "skipped_updates")
 
 
 def run_tiny() -> dict:
@@ -52,3 +52,6 @@ def test_tiny_benchmark_prints_the_json_schema():
     assert out["logp_max_abs_diff_shared_vs_naive"] < 1e-4
     assert out["skipped_updates"] == {"shared": 0, "naive": 0}
     assert all(math.isfinite(v) for v in out["last_loss"].values())
+    # XLA's memory_analysis of each compiled step (CPU provides it)
+    for name in ("ours_shared", "ours_naive"):
+        assert out["memory"][name]["peak_bytes"] > 0, out["memory"][name]

@@ -14,6 +14,7 @@ from perpo_jax.rewards import (DROP_REASONS, REWARDS, build_lists, get_reward, i
                                levenshtein, ocr_rewards, parse_box, register_reward,
                                spread_indices)
 from perpo_jax.rewards.boxes import box_from_frame, box_iou, box_to_frame
+from perpo_jax.rewards.ocr import levenshtein_batch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # a copy of shared/data/perpo_official_example.json: a clean clone has no ../shared
@@ -199,6 +200,39 @@ def test_levenshtein_random_unicode_vs_python_dp():
 @given(st.text(max_size=25), st.text(max_size=25))
 def test_levenshtein_hypothesis_vs_python_dp(a, b):
     assert levenshtein(a, b) == python_levenshtein(a, b)
+
+
+def test_levenshtein_batch_multiword_vs_python_dp():
+    """One batched call over pairs of mixed sizes: 0..200 characters (1-4 words of 64 rows, so
+    carries and shifted bits cross words), unicode, empty strings, identical and related."""
+    rng = random.Random(2)
+    alphabets = ["ab", "abcdef \n", "αβγ日本語🙂\u0301", "".join(map(chr, range(32, 3000, 41)))]
+    a, b = [], []
+    for trial in range(120):
+        alphabet = alphabets[trial % len(alphabets)]
+        size = rng.choice([0, 1, 5, 63, 64, 65, 128, 129, 200])
+        x = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, size)))
+        if trial % 2:  # related: scattered edits (no long shared prefix/suffix to strip)
+            y = [rng.choice(alphabet) if rng.random() < 0.15 else c for c in x]
+            y = "".join(y[k] for k in range(len(y)) if rng.random() > 0.05)
+        else:
+            y = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, size + 5)))
+        a.append(x)
+        b.append(y)
+    a += ["", "same", "x" * 70]
+    b += ["", "same", "y" * 70]
+    got = levenshtein_batch(a, b)
+    assert got.dtype == np.int64
+    assert got.tolist() == [python_levenshtein(x, y) for x, y in zip(a, b)]
+    assert levenshtein_batch(b, a).tolist() == got.tolist()
+    assert levenshtein_batch([], []).shape == (0,)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=90), st.text(max_size=90)), max_size=6))
+def test_levenshtein_batch_hypothesis_vs_python_dp(pairs):
+    got = levenshtein_batch([x for x, _ in pairs], [y for _, y in pairs])
+    assert got.tolist() == [python_levenshtein(x, y) for x, y in pairs]
 
 
 def test_ocr_rewards_values():

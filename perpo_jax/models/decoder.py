@@ -52,13 +52,30 @@ class GroupCache:
     mask: jax.Array
 
 
-def grouped_attention(q_bgtnh, k_bgskh, v_bgskh, own_mask_bgts, prefix=None):
+# Causal self-attention longer than this runs in query blocks of this many tokens.
+CAUSAL_BLOCK = 128
+
+
+def grouped_attention(q_bgtnh, k_bgskh, v_bgskh, own_mask_bgts, prefix=None, causal=False):
     """Softmax attention over [prefix segment ; own segment], float32 softmax.
 
     q_bgtnh: [B, G, T, N, H]; k/v_bgskh: [B, G, S, K, H]; own_mask_bgts: [B|1, G|1, T, S] bool.
     prefix: None or (k_bpkh [B, P, K, H], v_bpkh, mask_bp [B, P] bool) shared by all G groups.
+    causal: the caller promises own_mask is zero above the diagonal (query i sees no key > i).
+    Then, without a prefix and for T = S > 2 · CAUSAL_BLOCK, queries run in blocks that score
+    only the keys up to their block's end (the keys dropped are masked anyway: same numbers,
+    ~40 % fewer scores, smaller float32 score tensors).
     Returns [B, G, T, N, H] in q's dtype.
     """
+    t, s = q_bgtnh.shape[2], k_bgskh.shape[2]
+    if causal and prefix is None and t == s and t > 2 * CAUSAL_BLOCK:
+        outs = [
+            grouped_attention(q_bgtnh[:, :, lo:lo + CAUSAL_BLOCK], k_bgskh[:, :, :lo + CAUSAL_BLOCK],
+                              v_bgskh[:, :, :lo + CAUSAL_BLOCK],
+                              own_mask_bgts[:, :, lo:lo + CAUSAL_BLOCK, :lo + CAUSAL_BLOCK])
+            for lo in range(0, t, CAUSAL_BLOCK)
+        ]
+        return jnp.concatenate(outs, axis=2)
     b, g, t, n, h = q_bgtnh.shape
     kv_heads = k_bgskh.shape[-2]
     q = q_bgtnh.reshape(b, g, t, kv_heads, n // kv_heads, h)
@@ -95,10 +112,11 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, (k, h), kernel_axes=("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
         self.o_proj = Linear((n, h), d, kernel_axes=("heads", "head_dim", "embed"), use_bias=cfg.o_bias, **kw)
 
-    def __call__(self, x_bgtd, cos, sin, own_mask, prefix, cache_kv, cache_index):
+    def __call__(self, x_bgtd, cos, sin, own_mask, prefix, cache_kv, cache_index, causal=False):
         """x [B, G, T, D]; cos/sin [B, G, T, H]; prefix (k, v, mask) or None;
-        cache_kv (k, v) [B, G, S, K, H] or None. Returns (out [B, G, T, D], (k, v) of the own
-        segment: this call's [B, G, T, K, H], or the updated cache)."""
+        cache_kv (k, v) [B, G, S, K, H] or None; causal: own_mask is causal (see
+        `grouped_attention`). Returns (out [B, G, T, D], (k, v) of the own segment: this
+        call's [B, G, T, K, H], or the updated cache)."""
         q = apply_rope(self.q_proj(x_bgtd), cos, sin)
         k = apply_rope(self.k_proj(x_bgtd), cos, sin)
         v = self.v_proj(x_bgtd)
@@ -107,7 +125,7 @@ class Attention(nnx.Module):
             start = (0, 0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-        out = grouped_attention(q, k, v, own_mask, prefix)
+        out = grouped_attention(q, k, v, own_mask, prefix, causal=causal)
         return self.o_proj(out), (k, v)
 
 
@@ -141,9 +159,9 @@ class DecoderBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, own_mask, prefix, cache_kv, cache_index):
+    def __call__(self, x, cos, sin, own_mask, prefix, cache_kv, cache_index, causal=False):
         attn_out, kv = self.self_attn(
-            self.input_layernorm(x), cos, sin, own_mask, prefix, cache_kv, cache_index
+            self.input_layernorm(x), cos, sin, own_mask, prefix, cache_kv, cache_index, causal
         )
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -152,6 +170,10 @@ class DecoderBlock(nnx.Module):
 
 def _run_block(block, *args):
     return block(*args)
+
+
+def _run_causal_block(block, *args):
+    return block(*args, causal=True)
 
 
 class DecoderLM(nnx.Module):
@@ -211,7 +233,8 @@ class DecoderLM(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         causal_tt = jnp.tril(jnp.ones((t, t), bool))
         own_mask = mask_bt[:, None, None, :] & causal_tt[None, None]
-        x, kvs = self._blocks(embeds_btd[:, None], positions_bt[:, None], own_mask, None, None, None)
+        x, kvs = self._blocks(embeds_btd[:, None], positions_bt[:, None], own_mask, None, None, None,
+                              causal=True)
         prefix = PrefixKV(
             k=tuple(k[:, 0] for k, _ in kvs), v=tuple(v[:, 0] for _, v in kvs), mask=mask_bt
         )
@@ -255,13 +278,15 @@ class DecoderLM(nnx.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _blocks(self, x_bgtd, positions_bgt, own_mask, prefix, cache, cache_index):
-        """Runs every block; returns (final-normed x, list of per-layer own-segment (k, v))."""
+    def _blocks(self, x_bgtd, positions_bgt, own_mask, prefix, cache, cache_index, causal=False):
+        """Runs every block; returns (final-normed x, list of per-layer own-segment (k, v)).
+        causal: own_mask is causal (prefill), so attention may skip key blocks it masks."""
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope_cos_sin(positions_bgt, inv_freq, as_jnp_dtype(cfg.dtype))
         x = x_bgtd.astype(as_jnp_dtype(cfg.dtype))
-        run = nnx.remat(_run_block) if cfg.remat else _run_block
+        body = _run_causal_block if causal else _run_block
+        run = nnx.remat(body) if cfg.remat else body
         kvs = []
         for i, block in enumerate(self.layers):
             layer_prefix = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.mask)
