@@ -21,6 +21,11 @@ import tempfile
 from collections.abc import Iterator
 
 
+def is_url(path) -> bool:
+    """A store URL such as gs://bucket/dir (kept as given: never made absolute or realpath'd)."""
+    return "://" in str(path)
+
+
 def current_umask() -> int:
     """The process umask, read from /proc where possible: `os.umask` can only be read by
     setting it, which would briefly change the modes of files other threads create."""

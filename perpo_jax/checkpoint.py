@@ -38,7 +38,10 @@ from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from perpo_jax.atomic import is_url
 
 STATE_ITEM = "train_state"
 DATA_ITEM = "data_state"
@@ -123,7 +126,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
         if keep is not None and int(keep) < 1:
             raise ValueError(f"checkpoint keep must be >= 1 or None, got {keep}")
-        self.directory = Path(directory).absolute()
+        # gs:// (every host of a pod writes the same place): orbax/tensorstore handle it
+        self.directory = (epath.Path(str(directory)) if is_url(directory)
+                          else Path(directory).absolute())
         self.metadata = _json_dict(metadata or {}, "metadata")
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=policies.FixedIntervalPolicy(int(save_every)),

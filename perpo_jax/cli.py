@@ -6,7 +6,8 @@
     perpo-jax convert --from-hf HF_DIR --out CKPT_DIR [--overwrite]      (HF → orbax params)
     perpo-jax convert --to-hf --checkpoint CKPT_DIR --out HF_DIR [--overwrite]
     perpo-jax export  --checkpoint DIR --out HF_DIR [--overwrite]       (LoRA merged first)
-    perpo-jax train   --config C [overrides...]
+    perpo-jax train   --config C [overrides...] [--coordinator H:P --num-processes N --process-id I]
+    perpo-jax plan    --config C [overrides...] --devices N --hbm-gib G [--json] [--no-compile]
     perpo-jax demo    [--task grounding|ocr] ...
 
 Every subcommand takes `--config FILE` (omitted: the schema defaults of perpo_jax.config) and
@@ -63,7 +64,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
+    from perpo_jax.atomic import is_url
+
+    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -342,17 +345,41 @@ def cmd_export(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _load(args)
-    if os.environ.get("PERPO_JAX_DISTRIBUTED") == "1":
-        # Multi-host (launch/tpu_run.sh): every host runs this same command; the slice is
-        # discovered by JAX itself. Must happen before any other jax call.
-        import jax
+    from perpo_jax.distributed import check_args, initialize_distributed
 
-        jax.distributed.initialize()
+    try:
+        check_args(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        print(f"perpo-jax train: error: {e}", file=sys.stderr)
+        return 2
+    # Before any other jax call. Explicit (--coordinator ...), automatic on a TPU VM or with
+    # PERPO_JAX_DISTRIBUTED=1 (launch/tpu_run.sh: every host runs this same command), else never.
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from perpo_jax.train.loop import train
 
     result = train(cfg)
     print(f"trained {result.steps} steps -> {result.out_dir}"
           + (" (stopped early, checkpoint saved)" if result.preempted else ""))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.hf_path is not None:
+        cfg.model.hf_path = _absolute(cfg.model.hf_path)
+    if args.devices < 1 or args.hbm_gib <= 0:
+        raise ConfigError("--devices must be >= 1 and --hbm-gib > 0")
+    if args.compile and "jax" not in sys.modules:
+        # compiling for N devices needs N devices in this process: on CPU, fake them
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count="
+                                       f"{args.devices}").strip()
+    from perpo_jax.memory_plan import format_plan, memory_plan
+
+    plan = memory_plan(cfg, devices=args.devices, hbm_gib=args.hbm_gib,
+                       compile_step=args.compile, prompt_length=args.prompt_tokens)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -475,7 +502,36 @@ def _add_train(sub) -> None:
                        description=_TRAIN_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
+    group = p.add_argument_group(
+        "multi-process (all three, or none: then jax.distributed starts by itself on a TPU VM "
+        "or with PERPO_JAX_DISTRIBUTED=1, and never otherwise)")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0's coordinator service")
+    group.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
     p.set_defaults(func=cmd_train)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="parameter counts and per-device memory: does it fit?",
+                       description="Counts parameters (total = transformers' count, trainable) "
+                       "and the per-device bytes of base weights, trainable weights, optimizer "
+                       "state, gradients and one step's activations for the config's mesh on "
+                       "--devices devices, from the compiled train step (XLA's memory analysis, "
+                       "on abstract arrays: no weights are read or allocated) and analytically; "
+                       "says whether it fits in --hbm-gib per device. Reads only config.json of "
+                       "model.hf_path.")
+    _common(p)
+    p.add_argument("--devices", type=int, required=True, metavar="N",
+                   help="devices (chips) of the slice, e.g. 8 for v5e-8, 4 for v4-8 / v5p-8")
+    p.add_argument("--hbm-gib", type=float, required=True, metavar="G",
+                   help="memory per device in GiB, e.g. 16 (v5e), 32 (v4), 95 (v5p)")
+    p.add_argument("--prompt-tokens", type=int, default=None, metavar="P",
+                   help="prompt length with the image tokens (default: image tokens + 64)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="analytic figures only (compiling a 7B step on CPU takes minutes)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
 
 
 def _add_demo(sub) -> None:
@@ -491,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PerPO (discriminative rewarding + listwise preference optimisation) for LLaVA in JAX."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prepare_data, _add_sample, _add_eval, _add_convert, _add_export,
-                _add_train, _add_demo):
+                _add_train, _add_plan, _add_demo):
         add(sub)
     return parser
 

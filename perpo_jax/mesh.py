@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
@@ -147,3 +148,30 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batch arrays: leading dim over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def device_put_global(tree, shardings, *, may_alias: bool | None = None):
+    """`jax.device_put(tree, shardings)` that also works when `shardings` span other
+    processes' devices (a multi-process mesh, where `jax.device_put` refuses): every process
+    holds the same full values (a model built from the same seed or checkpoint) and places
+    its addressable shards. `shardings` is a tree of `Sharding`s whose leaves stand for
+    sub-trees of `tree` (e.g. `mesh.state_shardings` of an nnx.State: one per Variable).
+    may_alias: as jax.device_put's (single process; a multi-process put always copies)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings, may_alias=may_alias)
+
+    def global_array(value, sharding):
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(value))
+            out = jax.make_array_from_callback(data.shape, sharding, lambda i: data[i])
+            return jax.random.wrap_key_data(out, impl=jax.random.key_impl(value))
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+    def one(sharding, sub):
+        if isinstance(sub, nnx.Variable):
+            return sub.replace(global_array(sub.get_value(), sharding))
+        return jax.tree.map(lambda v: global_array(v, sharding), sub)
+
+    return jax.tree.map(one, shardings, tree,
+                        is_leaf=lambda n: isinstance(n, jax.sharding.Sharding))

@@ -245,7 +245,12 @@ def _check_batch(prompts_batch: dict, num_samples: int, max_new_tokens: int) -> 
         raise ValueError(
             f"num_samples ({num_samples}) and max_new_tokens ({max_new_tokens}) must be >= 1"
         )
-    if not isinstance(mask, jax.core.Tracer) and np.asarray(mask).sum(-1).min() < 1:
+    if isinstance(mask, jax.core.Tracer):
+        return
+    # a global batch of a multi-process run: each process checks the rows it holds
+    rows = ([np.asarray(s.data) for s in mask.addressable_shards]
+            if isinstance(mask, jax.Array) else [np.asarray(mask)])
+    if any(r.size and r.sum(-1).min() < 1 for r in rows):
         raise ValueError("prompt_mask has a row with no real token; every prompt needs >= 1")
 
 

@@ -5,16 +5,17 @@ a list of records, ...). Sampling is by index:
 
 - epoch e uses the permutation `np.random.default_rng([seed, e]).permutation(N)` (or the
   identity with `shuffle=False`), identical on every host;
-- host h of H takes positions h, h + H, h + 2H, ... of that order, truncated to
-  `N // H` items so every host runs the same number of steps (so hosts never disagree on
-  when an epoch ends); the shards of one epoch are disjoint and, when H divides N, cover
-  every index;
-- batches are `batch_size` items per host; by default the last partial batch of a host's
-  epoch is DROPPED (fixed shapes for jit), so up to `batch_size - 1` items per host per epoch
-  are skipped — different ones each epoch when shuffling. With `drop_remainder=False` every
-  index is used exactly once per epoch: host h takes ALL of positions h, h + H, ...; every
-  host makes ceil(ceil(N / H) / batch_size) batches, the last ones shorter (or empty on a
-  host with fewer items), and the caller pads (offline lists: one exact pass per epoch).
+- the order is cut into GLOBAL batches of `batch_size · H` positions; host h takes the
+  contiguous block [h · batch_size, (h + 1) · batch_size) of each. The global batch (hosts'
+  blocks concatenated in host order, as `jax.make_array_from_process_local_data` lays them
+  out) is therefore the same prompts in the same order whatever H is: a 2-host run sees the
+  batches of a 1-host run with H × the per-host batch size;
+- by default the last partial global batch of an epoch is DROPPED (fixed shapes for jit):
+  `N // (batch_size · H)` batches per epoch on every host (so hosts never disagree on when an
+  epoch ends), the shards of one epoch disjoint. With `drop_remainder=False` every index is
+  used exactly once per epoch: `ceil(N / (batch_size · H))` batches, the blocks of the last
+  one shorter (or empty on the hosts past its end), and the caller pads (offline lists: one
+  exact pass per epoch; `block_sizes` says how many items each host gets in a batch).
 
 The position is two ints, `{"epoch", "batch"}` (the next batch to produce); `state()` /
 `restore()` round-trip it, so a restored loader continues with exactly the same batches.
@@ -58,38 +59,55 @@ class ShardedLoader:
         self.num_epochs = num_epochs
         self.transform = transform
         self.drop_remainder = drop_remainder
+        self.global_batch = batch_size * process_count
+        n = len(source)
         if drop_remainder:
-            self.per_host = len(source) // process_count
-            self.batches_per_epoch = self.per_host // batch_size
-        else:  # host 0 holds the most items; every host makes as many batches as it does
-            self.per_host = -(-len(source) // process_count)
-            self.batches_per_epoch = -(-self.per_host // batch_size)
+            self.batches_per_epoch = n // self.global_batch
+        else:
+            self.batches_per_epoch = -(-n // self.global_batch)
+        # items this host takes per epoch (host 0 takes the most without drop_remainder)
+        self.per_host = sum(self.block_sizes(b)[process_index]
+                            for b in range(self.batches_per_epoch))
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"source of {len(source)} items gives {self.per_host} per host, fewer than "
-                f"batch_size={batch_size}: no full batch to produce")
+                f"source of {n} items is fewer than batch_size={batch_size} x {process_count} "
+                f"host(s) = {self.global_batch}: no full batch to produce")
         self._epoch = 0
         self._batch = 0
         self._order_cache: tuple[int, np.ndarray] | None = None  # (epoch, its indices)
 
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """[N // H] int64 (all of this host's positions without drop_remainder): this host's
-        indices for `epoch`, in the order they are used."""
+    def block_sizes(self, batch: int) -> list[int]:
+        """Items each host takes in batch `batch` of an epoch (all `batch_size` except in the
+        last batch of a `drop_remainder=False` epoch)."""
+        start = batch * self.global_batch
+        n = len(self.source)
+        return [max(0, min(self.batch_size, n - start - h * self.batch_size))
+                for h in range(self.process_count)]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """[N] int64: every index in the order of `epoch`, the same on every host."""
         if self._order_cache is not None and self._order_cache[0] == epoch:
             return self._order_cache[1]
         n = len(self.source)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle \
             else np.arange(n)
-        mine = order[self.process_index::self.process_count]
-        if self.drop_remainder:  # every host the same count
-            mine = mine[: self.per_host]
-        self._order_cache = (epoch, mine)
-        return mine
+        self._order_cache = (epoch, order)
+        return order
+
+    def global_batch_indices(self, epoch: int, batch: int) -> np.ndarray:
+        """[<= batch_size · H] int64: batch `batch` of `epoch` over ALL hosts, in host order."""
+        start = batch * self.global_batch
+        return self.epoch_order(epoch)[start: start + self.global_batch]
 
     def batch_indices(self, epoch: int, batch: int) -> np.ndarray:
         """[<= batch_size] int64: source indices of batch `batch` of `epoch` on this host."""
-        start = batch * self.batch_size
-        return self.epoch_indices(epoch)[start: start + self.batch_size]
+        start = batch * self.global_batch + self.process_index * self.batch_size
+        return self.epoch_order(epoch)[start: start + self.batch_size]
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """[per_host] int64: this host's indices for `epoch`, in the order they are used."""
+        parts = [self.batch_indices(epoch, b) for b in range(self.batches_per_epoch)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def state(self) -> dict[str, int]:
         """The position of the next batch: {"epoch": e, "batch": b}."""

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import inspect
 
-import jax
 from flax import nnx
 
 from perpo_jax.config import Config, ConfigError
 from perpo_jax.hf import load_pretrained
-from perpo_jax.mesh import make_mesh, state_shardings
+from perpo_jax.mesh import device_put_global, make_mesh, state_shardings
 from perpo_jax.models import build_model as new_model
 from perpo_jax.models import tiny_llava_config
 from perpo_jax.models.config import as_jnp_dtype
@@ -92,7 +91,7 @@ def tiny_model_config(cfg: Config, processor):
 def place_on_mesh(model, mesh):
     """Puts every variable of `model` on its logical sharding over `mesh` (in place)."""
     state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
+    nnx.update(model, device_put_global(state, state_shardings(state, mesh)))
     return model
 
 

@@ -20,7 +20,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from perpo_jax.mesh import state_shardings
+from perpo_jax.mesh import device_put_global, state_shardings
 from perpo_jax.models.lora import LoRAParam, trainable_filter
 
 
@@ -145,10 +145,10 @@ def create_train_state(
     The optimizer state is created directly with its shardings (jit out_shardings), so it
     never exists unsharded on one device.
     """
-    frozen = jax.device_put(parts.frozen, state_shardings(parts.frozen, mesh))
-    reference = jax.device_put(parts.reference, state_shardings(parts.reference, mesh))
+    frozen = device_put_global(parts.frozen, state_shardings(parts.frozen, mesh))
+    reference = device_put_global(parts.reference, state_shardings(parts.reference, mesh))
     # never alias the model's own buffers: the train state is donated at every step
-    params = jax.device_put(parts.params, state_shardings(parts.params, mesh), may_alias=False)
+    params = device_put_global(parts.params, state_shardings(parts.params, mesh), may_alias=False)
     abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, seed), params)
     shardings = train_state_shardings(abstract, mesh)
     init = jax.jit(lambda p: init_train_state(p, optimizer, seed), out_shardings=shardings)

@@ -1,0 +1,83 @@
+"""One process of tests/test_multiprocess.py (run as a script, never imported by pytest).
+
+    python tests/multiprocess_worker.py OUT_JSON LOCAL_DEVICES [COORDINATOR NUM_PROCESSES ID]
+
+Builds the (2, 2, 2) mesh over every process's devices, draws two rounds of prompts from a
+`ShardedLoader` (this host's contiguous block of each global batch), samples K candidates per
+prompt with a tiny random LLaVA (the same weights everywhere), rewards this host's own rows,
+agrees on counts across hosts, and writes (process 0) what the GLOBAL batch was: indices,
+sampled tokens and summed rewards. A 1-process 8-device run must write the same file.
+"""
+import json
+import os
+import sys
+
+out_path, local_devices = sys.argv[1], int(sys.argv[2])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+from perpo_jax.distributed import initialize_distributed  # noqa: E402
+
+if len(sys.argv) > 3:
+    assert initialize_distributed(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+else:
+    assert not initialize_distributed()  # no coordinator, not a TPU VM: never starts
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+from perpo_jax.data.loader import ShardedLoader  # noqa: E402
+from perpo_jax.mesh import make_mesh  # noqa: E402
+from perpo_jax.models import build_model, tiny_llava_config  # noqa: E402
+from perpo_jax.models.from_config import place_on_mesh  # noqa: E402
+from perpo_jax.sampling import sample  # noqa: E402
+from perpo_jax.train.hosts import global_max, local_rows, to_global  # noqa: E402
+
+GLOBAL_PROMPTS, K, R, VOCAB = 8, 3, 4, 64
+hosts, me = jax.process_count(), jax.process_index()
+assert len(jax.devices()) == 8 and len(jax.local_devices()) == local_devices
+mesh = make_mesh((2, 2, 2))
+config = tiny_llava_config(VOCAB, hidden_size=32, num_layers=1, image_size=16, patch_size=8)
+model = place_on_mesh(build_model(config, rngs=nnx.Rngs(0)), mesh)
+n_img = config.num_image_tokens
+
+
+def prompt(index: int):
+    """Prompt of record `index`: a few text tokens around the image tokens, its own image."""
+    rng = np.random.default_rng(index)
+    text = rng.integers(1, VOCAB - 2, size=3 + index % 3)
+    ids = np.concatenate([text[:2], np.full(n_img, config.image_token_id), text[2:]])
+    return ids.astype(np.int32), rng.standard_normal((3, 16, 16)).astype(np.float32)
+
+
+loader = ShardedLoader(list(range(40)), GLOBAL_PROMPTS // hosts, seed=3,
+                       process_index=me, process_count=hosts)
+report = {"hosts": hosts, "rounds": []}
+for round_index in range(2):
+    mine = np.asarray(next(loader), np.int64)
+    prompts = [prompt(int(i)) for i in mine]
+    width = global_max({"p": max(len(p) for p, _ in prompts)})["p"]
+    ids = np.zeros((len(mine), width), np.int32)
+    mask = np.zeros((len(mine), width), bool)
+    for row, (p, _) in enumerate(prompts):
+        ids[row, :len(p)], mask[row, :len(p)] = p, True
+    pixels = np.stack([px for _, px in prompts])
+    batch = {"prompt_ids": ids, "prompt_mask": mask, "pixel_values": pixels}
+    # one key for the round; each GLOBAL row gets its own stream inside the sampler
+    rng = jax.random.fold_in(jax.random.key(7), round_index)
+    out = sample(model, to_global(batch, mesh), num_samples=K, max_new_tokens=R,
+                 temperature=1.0, rng=rng, eos_id=None, pad_id=0, mesh=mesh)
+    tokens = local_rows(out.tokens)  # this host's rows only
+    assert tokens.shape == (len(mine), K, R)
+    rewards = (tokens % 7).sum(axis=(1, 2)).astype(np.float32)  # host-side, own rows
+    every = multihost_utils.process_allgather(
+        {"index": mine, "tokens": tokens, "reward": rewards}, tiled=True)
+    report["rounds"].append({k: np.asarray(v).tolist() for k, v in every.items()})
+report["loader_state"] = loader.state()
+if me == 0:
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+multihost_utils.sync_global_devices("done")
+print(f"process {me}/{hosts} done", flush=True)
