@@ -131,7 +131,8 @@ class SamplingConfig:
 @dataclass
 class DataConfig:
     task: str = "grounding"  # grounding | ocr (a key of rewards.REWARDS)
-    # shapes_grounding | shapes_ocr | refcoco_style (JSONL) | refer (refer-toolkit refs(*).p +
+    # shapes_grounding | shapes_ocr | shapes_pope (yes/no object questions, data.task=pope) |
+    # refcoco_style (JSONL) | refer (refer-toolkit refs(*).p +
     # instances.json) | official_json (pre-sampled PerPO lists)
     source: str = "shapes_grounding"
     data_dir: str = "runs/data"
@@ -163,6 +164,21 @@ class DataConfig:
 
 
 @dataclass
+class M3poConfig:
+    """M3PO pair selection (perpo_jax/m3po.py). pairs: none (train on the full lists, PerPO &
+    co.) | m3p (M3P-Score hard negatives) | random (vanilla DPO: a random pair whose MAS differ
+    by >= delta) | rm (RM-DPO: best vs worst MAS). mas: reward (the task reward) | clip (CLIP
+    image-text similarity of m3po.clip_path) | a name given to m3po.register_mas_scorer."""
+
+    pairs: str = "none"
+    mas: str = "reward"
+    alpha: float = 0.5  # weight of the policy's confidence in the hard-negative score
+    lam: float = 0.1  # confidence bonus in the preferred-answer score
+    delta: float = 0.3  # a negative's MAS must be at least this far below the preferred one's
+    clip_path: str | None = None  # local HF CLIPModel dir for mas=clip
+
+
+@dataclass
 class EvalConfig:
     num_examples: int = 200
     batch_size: int = 16
@@ -182,6 +198,9 @@ class DemoConfig:
     sft_lists_per_step: int = 0
     sft_prompts_per_round: int = 0
     methods: list[str] = field(default_factory=lambda: ["perpo", "dpo", "lipo", "sft"])
+    # shapes-POPE images (val; up to 6 questions each, 3 splits) every model is also scored
+    # on (yes/no object hallucination, mean F1 over random / popular / adversarial); 0 = skip
+    pope_images: int = 0
 
 
 @dataclass
@@ -197,6 +216,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    m3po: M3poConfig = field(default_factory=M3poConfig)
 
 
 _CHOICES = {
@@ -206,12 +226,21 @@ _CHOICES = {
     "loss.sft_target": ("best", "ground_truth"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mode": ("online", "offline"),
-    "data.source": ("shapes_grounding", "shapes_ocr", "refcoco_style", "refer", "official_json"),
+    "data.source": ("shapes_grounding", "shapes_ocr", "shapes_pope", "refcoco_style", "refer",
+                    "official_json"),
     "data.template": ("auto", "chat_template", "llava_v1"),
     "data.image_aspect_ratio": ("pad", "crop", "checkpoint"),
     "data.box_frame": ("original", "padded"),
     "data.refer_split_by": ("unc", "umd", "google"),
+    "m3po.pairs": ("none", "m3p", "random", "rm"),
 }
+
+
+# Demo methods: the losses on full lists, plus M3PO and its pair baselines (DPO on one pair
+# per list: M3P-Score hard negative, best vs worst MAS, a random qualifying pair) and the
+# M3PO alpha ablation (alpha = 0: hardest by MAS only; 1: by the policy's confidence only).
+DEMO_METHODS = (*_CHOICES["loss.name"], "m3po", "rm_dpo", "vanilla_dpo", "m3po_alpha0",
+                "m3po_alpha1")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -327,12 +356,21 @@ def validate(cfg: Config) -> Config:
     for key in ("sft_rounds", "sft_steps", "sft_lists_per_step", "sft_prompts_per_round"):
         if getattr(cfg.demo, key) < 0:
             raise ConfigError(f"demo.{key}: must be >= 0, got {getattr(cfg.demo, key)}")
-    bad = [m for m in cfg.demo.methods if m not in _CHOICES["loss.name"]]
+    bad = [m for m in cfg.demo.methods if m not in DEMO_METHODS]
     if bad:
-        raise ConfigError(f"demo.methods: {bad} not among {', '.join(_CHOICES['loss.name'])}")
+        raise ConfigError(f"demo.methods: {bad} not among {', '.join(DEMO_METHODS)}")
+    if cfg.demo.pope_images < 0:
+        raise ConfigError(f"demo.pope_images: must be >= 0, got {cfg.demo.pope_images}")
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError(f"data.min_objects / data.max_objects: need 1 <= min <= max, got "
                           f"{cfg.data.min_objects} / {cfg.data.max_objects}")
+    if not 0.0 <= cfg.m3po.alpha <= 1.0:
+        raise ConfigError(f"m3po.alpha: must be in [0, 1], got {cfg.m3po.alpha}")
+    if cfg.m3po.pairs != "none" and cfg.m3po.delta <= 0:
+        raise ConfigError(f"m3po.delta: must be > 0 (a pair needs a MAS gap), got {cfg.m3po.delta}")
+    if cfg.m3po.pairs != "none" and cfg.train.mode != "online":
+        raise ConfigError(f"m3po.pairs={cfg.m3po.pairs!r} selects pairs among the policy's own "
+                          "samples: it needs train.mode=online")
     if cfg.data.source in ("refcoco_style", "refer", "official_json") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r}")
     return cfg

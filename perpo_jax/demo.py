@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from perpo_jax.config import Config, load_config
+from perpo_jax.config import DEMO_METHODS, Config, load_config
 from perpo_jax.data import prepare
 from perpo_jax.evaluate import evaluate
 from perpo_jax.hf import save_pretrained
@@ -40,8 +40,21 @@ def parse_args(argv):
     p.add_argument("--task", choices=("grounding", "ocr"), default="grounding")
     p.add_argument("--config", default=None, help="default: configs/demo_shapes.yaml (or demo_ocr.yaml)")
     p.add_argument("--out", default=None, help="output folder (default: train.out_dir)")
+    p.add_argument("--method", default=None, type=_methods, metavar="M[,M...]",
+                   help="comma-separated methods to train from the SFT model (default: "
+                        "demo.methods); m3po = DPO on M3P-Score pairs, rm_dpo / vanilla_dpo its "
+                        "pair baselines, m3po_alpha0 / m3po_alpha1 the alpha ablation; any of "
+                        f"{', '.join(DEMO_METHODS)}")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
+
+
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in DEMO_METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{bad or text!r}: methods are {', '.join(DEMO_METHODS)}")
+    return names
 
 
 def demo_config(args) -> Config:
@@ -50,6 +63,8 @@ def demo_config(args) -> Config:
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
+    if args.method:
+        overrides.append(f"demo.methods=[{', '.join(args.method)}]")
     return load_config(path, overrides)
 
 
@@ -75,7 +90,16 @@ def sft_config(cfg: Config, out_dir: str) -> Config:
     )
 
 
+# demo method -> (m3po.pairs, m3po.alpha or None for the configured one); the loss is DPO
+M3PO_METHODS = {"m3po": ("m3p", None), "rm_dpo": ("rm", None), "vanilla_dpo": ("random", None),
+                "m3po_alpha0": ("m3p", 0.0), "m3po_alpha1": ("m3p", 1.0)}
+
+
 def method_config(cfg: Config, method: str, out_dir: str) -> Config:
+    if method in M3PO_METHODS:
+        pairs, alpha = M3PO_METHODS[method]
+        m3po = {"pairs": pairs} if alpha is None else {"pairs": pairs, "alpha": alpha}
+        return _with(cfg, loss={"name": "dpo"}, m3po=m3po, train={"out_dir": out_dir})
     loss = {"name": method}
     if method == "lipo":
         loss["gamma"] = 0.0
@@ -105,7 +129,8 @@ def main(argv=None) -> dict:
     base = from_config.build_model(cfg, mesh, data.processor)
     sft = train(sft_config(cfg, os.path.join(out, "sft_warmup")), data=data, model=base, mesh=mesh)
     sft_model = sft.model
-    results = {"sft_warmup": _eval(evaluate, sft_model, data, cfg, mesh)}
+    pope = _pope_examples(cfg)
+    results = {"sft_warmup": _eval(evaluate, sft_model, data, cfg, mesh, pope)}
     print(f"[demo] SFT warm-up: {results['sft_warmup']['metrics']}", flush=True)
 
     # 2) every method from the SAME SFT weights, same budget
@@ -115,7 +140,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         run = train(mcfg, data=data, model=nnx.clone(sft_model), mesh=mesh)
         trained[method] = run.model
-        res = _eval(evaluate, run.model, data, cfg, mesh)
+        res = _eval(evaluate, run.model, data, cfg, mesh, pope)
         res["train_seconds"] = time.perf_counter() - t0
         res["samples_per_s"] = _mean([r.get("samples_per_s") for r in run.rounds])
         res["mean_round_reward"] = [r.get("mean_reward") for r in run.rounds]
@@ -134,9 +159,31 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def _eval(evaluate, model, data, cfg, mesh) -> dict:
+def _eval(evaluate, model, data, cfg, mesh, pope=None) -> dict:
     res = evaluate(model, data, cfg, split="val", mesh=mesh, progress=False)
-    return {"metrics": dict(res.metrics), "texts": list(res.texts)}
+    out = {"metrics": dict(res.metrics), "texts": list(res.texts)}
+    if pope:
+        from perpo_jax.data.pope import evaluate_pope
+
+        report = evaluate_pope(model, data.processor, pope, cfg, mesh=mesh)
+        out["metrics"]["pope_f1"] = report["mean_f1"]
+        out["pope"] = report["splits"]
+    return out
+
+
+def _pope_examples(cfg: Config) -> dict | None:
+    """{split: examples} of a shapes_pope set of `demo.pope_images` val images drawn like the
+    demo's scenes (None when demo.pope_images = 0)."""
+    if not cfg.demo.pope_images:
+        return None
+    from perpo_jax.data import shapes_pope
+
+    d = cfg.data
+    builder = shapes_pope.build(d.data_dir, num_train=0, num_val=cfg.demo.pope_images,
+                                image_size=d.image_size, seed=d.seed + 1,
+                                min_objects=d.min_objects, max_objects=d.max_objects)
+    return {split: [prepare.record_example(src[i]) for i in range(len(src))]
+            for split, src in shapes_pope.pope_splits(builder).items()}
 
 
 def _write_outputs(report, results, trained, sft_model, data, cfg, mesh, out) -> None:

@@ -7,6 +7,10 @@ saved predictions) can feed them:
   by `perpo_jax.rewards.parse_box` (an unreadable answer scores IoU 0).
 - `ocr_metrics(texts, references)`: mean normalised edit distance (NED = 1 - the OCR reward),
   character precision / recall / F1 and corpus BLEU-4 (`corpus_bleu`).
+- `pope_metrics(predictions, labels, parser="pope")`: POPE yes/no hallucination metrics
+  (accuracy, precision, recall, F1, yes_ratio; "yes" is the positive class), with the
+  official POPE answer parser or lmms-eval's exact match; `pope_summary` adds the mean F1
+  over splits (how LLaVA-1.5 reports POPE).
 - `write_report(path, metrics)`: JSON, written atomically.
 - `draw_boxes_png(path, images, gt_boxes, pred_boxes_by_method, captions)`: a grid of images
   with the ground-truth box in green and each method's predicted box in its own colour.
@@ -118,6 +122,75 @@ def ocr_metrics(texts: Sequence[str], references: Sequence[str]) -> dict[str, fl
             "char_precision": float(prf[:, 0].mean()), "char_recall": float(prf[:, 1].mean()),
             "char_f1": float(prf[:, 2].mean()), "bleu": corpus_bleu(texts, references),
             "count": len(texts)}
+
+
+# ----------------------------------------------------------------------------- POPE
+
+POPE_PARSERS = ("pope", "exact")
+
+
+def pope_answer(text: str) -> str:
+    """The official POPE rule (RUCAIBox/POPE evaluate.py): keep the text before the first
+    '.', delete commas, split on spaces; "no" if one of the words is `No`, `not` or `no`,
+    else "yes"."""
+    words = str(text).split(".")[0].replace(",", "").split(" ")
+    return "no" if any(w in ("No", "not", "no") for w in words) else "yes"
+
+
+def exact_answer(text: str) -> str | None:
+    """lmms-eval's rule: lower-cased and stripped, the answer must be exactly "yes" or "no";
+    None otherwise (counted wrong, reported as unparsed)."""
+    text = str(text).strip().lower()
+    return text if text in ("yes", "no") else None
+
+
+def _label(value, i: int) -> str:
+    label = str(value).strip().lower()
+    if label not in ("yes", "no"):
+        raise ValueError(f"POPE label {i} is {value!r}; labels must be 'yes' or 'no'")
+    return label
+
+
+def pope_metrics(predictions: Sequence[str], labels: Sequence[str],
+                 parser: str = "pope") -> dict[str, float]:
+    """POPE metrics of predicted answer texts [N] against labels [N] ("yes" / "no").
+
+    parser="pope": `pope_answer` (every text becomes yes or no); parser="exact":
+    `exact_answer`, where anything but yes/no is wrong and counted in `unparsed`.
+    "yes" is the positive class: precision = TP / predicted yes, recall = TP / labelled yes
+    (an unparsed answer to a yes question is a miss), F1 their harmonic mean (0 when both 0),
+    accuracy = correct / N, yes_ratio = predicted yes / N (of the PREDICTIONS, not the labels).
+    """
+    if parser not in POPE_PARSERS:
+        raise ValueError(f"parser must be one of {POPE_PARSERS}, got {parser!r}")
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
+    if not len(labels):
+        raise ValueError("pope_metrics needs at least one prediction")
+    gold = [_label(v, i) for i, v in enumerate(labels)]
+    parse = pope_answer if parser == "pope" else exact_answer
+    pred = [parse(t) for t in predictions]
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
+    pred_yes = sum(p == "yes" for p in pred)
+    gold_yes = sum(g == "yes" for g in gold)
+    correct = sum(p == g for p, g in zip(pred, gold))
+    precision = tp / pred_yes if pred_yes else 0.0
+    recall = tp / gold_yes if gold_yes else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    out = {"accuracy": correct / len(gold), "precision": precision, "recall": recall, "f1": f1,
+           "yes_ratio": pred_yes / len(gold), "count": len(gold)}
+    if parser == "exact":
+        out["unparsed"] = sum(p is None for p in pred)
+    return out
+
+
+def pope_summary(by_split: Mapping[str, Mapping[str, float]]) -> dict:
+    """{split: metrics} -> the same plus "mean_f1" (and "mean_accuracy") over the splits."""
+    splits = dict(by_split)
+    if not splits:
+        raise ValueError("pope_summary needs at least one split")
+    return {**splits, "mean_f1": float(np.mean([m["f1"] for m in splits.values()])),
+            "mean_accuracy": float(np.mean([m["accuracy"] for m in splits.values()]))}
 
 
 # ----------------------------------------------------------------------------- outputs

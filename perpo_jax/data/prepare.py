@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from perpo_jax.config import Config, ConfigError
-from perpo_jax.data import refcoco_builders, shapes_grounding, shapes_ocr
+from perpo_jax.data import refcoco_builders, shapes_grounding, shapes_ocr, shapes_pope
 from perpo_jax.data.batching import prompt_batch
 from perpo_jax.data.processor import LlavaPromptProcessor
 from perpo_jax.data.tokenizer import tokenizer_corpus, train_tokenizer
 from perpo_jax.models.from_config import DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs
 from perpo_jax.rewards import REWARDS, parse_box
 
-SYNTHETIC_SOURCES = ("shapes_grounding", "shapes_ocr")
+SYNTHETIC_SOURCES = ("shapes_grounding", "shapes_ocr", "shapes_pope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +225,10 @@ def _build_dataset(cfg: Config):
     if d.source == "shapes_ocr":
         return shapes_ocr.build(d.data_dir, num_train=d.num_train, num_val=d.num_val,
                                 image_size=d.image_size, seed=d.seed), ()
+    if d.source == "shapes_pope":  # num_train / num_val count images (up to 6 questions each)
+        return shapes_pope.build(d.data_dir, num_train=d.num_train, num_val=d.num_val,
+                                 image_size=d.image_size, seed=d.seed,
+                                 min_objects=d.min_objects, max_objects=d.max_objects), ()
 
     if d.image_dir is None:
         raise ConfigError(f"data.image_dir: required for data.source={d.source!r}")

@@ -142,9 +142,37 @@ def vision_config_from_hf(d: dict, dtype: str = "float32", where: str = "config.
     )
 
 
+# transformers' CLIPTextConfig / CLIPConfig defaults (hub configs omit fields equal to them)
+CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
+                          num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
+                          hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407)
+
+
+def clip_config_from_hf(d: dict, dtype: str = "float32", where: str = "config.json"):
+    """A CLIPModel config.json dict -> ClipConfig (text + vision towers, projections)."""
+    from perpo_jax.models.clip_text import ClipConfig, ClipTextConfig
+
+    t = dict(CLIP_TEXT_DEFAULTS)
+    t.update({k: v for k, v in (d.get("text_config") or {}).items() if v is not None})
+    vision = dict(d.get("vision_config") or {})
+    vision["model_type"] = "clip_vision_model"
+    return ClipConfig(
+        text=ClipTextConfig(
+            vocab_size=int(t["vocab_size"]), hidden_size=int(t["hidden_size"]),
+            intermediate_size=int(t["intermediate_size"]), num_layers=int(t["num_hidden_layers"]),
+            num_heads=int(t["num_attention_heads"]),
+            max_position_embeddings=int(t["max_position_embeddings"]),
+            layer_norm_eps=float(t["layer_norm_eps"]), hidden_act=t["hidden_act"],
+            eos_token_id=int(t["eos_token_id"]), dtype=dtype, param_dtype=dtype),
+        vision=vision_config_from_hf(vision, dtype, where + ":vision_config"),
+        projection_dim=int(d.get("projection_dim") or 512), dtype=dtype, param_dtype=dtype)
+
+
 def config_from_hf(d: dict, dtype: str = "float32", where: str = "config.json"):
-    """config.json dict -> TextConfig (plain causal LM) or LlavaConfig."""
+    """config.json dict -> TextConfig (plain causal LM), LlavaConfig or ClipConfig."""
     model_type = d.get("model_type")
+    if model_type == "clip":
+        return clip_config_from_hf(d, dtype, where)
     if model_type in ANYRES_TYPES or d.get("image_grid_pinpoints"):
         raise AnyresNotSupportedError(
             f"{where}: model_type {model_type!r} uses anyres image tiling (image_grid_pinpoints), "

@@ -73,7 +73,8 @@ def _match_keys(entries: list[Entry], infos: dict[str, TensorInfo], config, our_
 
 
 def load_pretrained(path: str, dtype=jnp.float32, mesh=None):
-    """Loads a HF LlavaForConditionalGeneration / LlamaForCausalLM / Qwen2ForCausalLM dir.
+    """Loads a HF LlavaForConditionalGeneration / LlamaForCausalLM / Qwen2ForCausalLM dir
+    (or a CLIPModel dir, as `models.clip_text.ClipModel`).
 
     dtype: parameter and compute dtype. mesh: optional `Mesh(data, fsdp, tensor)`; each
     parameter is placed on the sharding its logical names give (perpo_jax.mesh rules).
@@ -81,7 +82,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh=None):
     """
     config = read_config(path, dtype)
     infos = checkpoint_index(path)
-    abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: _builder(config)(config, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(abs_state))
     our_shapes = {p: tuple(v.get_value().shape) for p, v in flat}
@@ -102,6 +103,13 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh=None):
             del array
     new_flat = [(p, v.replace(values[p])) for p, v in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def _builder(config):
+    """The module builder of a config: CLIPModel (`models.clip_text`) or our LLaVA / LM."""
+    from perpo_jax.models.clip_text import ClipConfig, build_clip
+
+    return build_clip if isinstance(config, ClipConfig) else build_model
 
 
 def _place(array: np.ndarray, variable, mesh):

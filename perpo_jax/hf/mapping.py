@@ -144,8 +144,36 @@ def llava_entries(cfg: LlavaConfig) -> list[Entry]:
     return e
 
 
+def clip_entries(cfg) -> list[Entry]:
+    """transformers' CLIPModel: text tower, vision tower, both projections, logit_scale."""
+    t, k = ("text_model",), "text_model."
+    e = [Entry(t + ("embeddings", "token_embedding"), f"{k}embeddings.token_embedding.weight", "copy"),
+         Entry(t + ("embeddings", "position_embedding"), f"{k}embeddings.position_embedding.weight",
+               "copy")]
+    for i in range(cfg.text.num_layers):
+        p, h = t + ("layers", i), f"{k}encoder.layers.{i}."
+        e += _layer_norm(p + ("layer_norm1",), h + "layer_norm1")
+        for name in ("q_proj", "k_proj", "v_proj"):
+            e += _linear(p + ("self_attn", name), h + f"self_attn.{name}", True)
+        e += _linear(p + ("self_attn", "out_proj"), h + "self_attn.out_proj", True, n_in=2)
+        e += _layer_norm(p + ("layer_norm2",), h + "layer_norm2")
+        e += _linear(p + ("mlp", "fc1"), h + "mlp.fc1", True)
+        e += _linear(p + ("mlp", "fc2"), h + "mlp.fc2", True)
+    e += _layer_norm(t + ("final_layer_norm",), f"{k}final_layer_norm")
+    e += vision_entries(cfg.vision, ("vision_model",), "vision_model.")
+    e += _linear(("visual_projection",), "visual_projection", False)
+    e += _linear(("text_projection",), "text_projection", False)
+    e.append(Entry(("logit_scale",), "logit_scale", "copy"))
+    return e
+
+
 def entries_for(config) -> list[Entry]:
-    """The table for a model config (TextConfig -> plain causal LM, LlavaConfig -> LLaVA)."""
+    """The table for a model config (TextConfig -> plain causal LM, LlavaConfig -> LLaVA,
+    ClipConfig -> CLIPModel)."""
+    from perpo_jax.models.clip_text import ClipConfig
+
+    if isinstance(config, ClipConfig):
+        return clip_entries(config)
     if isinstance(config, LlavaConfig):
         return llava_entries(config)
     if isinstance(config, TextConfig):

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from perpo_jax import m3po
 from perpo_jax.checkpoint import Checkpointer, PreemptionGuard
 from perpo_jax.config import Config, ConfigError, config_to_dict
 from perpo_jax.data import prepare
@@ -106,16 +107,19 @@ def _batch_layout(cfg: Config, mesh) -> tuple[int, int]:
 
 
 def online_plan(cfg: Config, mesh, num_train: int) -> _Plan:
-    """`train.rounds` rounds (0: one pass over the data, ceil(prompts per host /
-    prompts_per_round)) of `train.steps` updates (0: ceil(prompts_per_round /
-    lists_per_step) × epochs), each on `lists_per_step` of the round's kept lists, cycled."""
+    """`train.rounds` rounds (0: one pass over the data, ceil(prompts / prompts_per_round)) of
+    `train.steps` updates (0: ceil(prompts_per_round / lists_per_step) × epochs), each on
+    `lists_per_step` of the round's kept lists, cycled. `sampling.prompts_per_round` counts
+    every host's prompts (the loader gives each host its contiguous block of them)."""
     local_lists, real_local = _batch_layout(cfg, mesh)
     per_round, hosts = cfg.sampling.prompts_per_round, jax.process_count()
-    per_host = num_train // hosts
-    if per_host < per_round:
-        raise ConfigError(f"sampling.prompts_per_round={per_round} exceeds the {per_host} training "
-                          f"prompts per host ({num_train} prompts, {hosts} host(s)): lower it")
-    rounds = cfg.train.rounds or math.ceil(per_host / per_round)
+    if per_round % hosts:
+        raise ConfigError(f"sampling.prompts_per_round={per_round} must be a multiple of the "
+                          f"{hosts} hosts (each host samples its own block of the round)")
+    if num_train < per_round:
+        raise ConfigError(f"sampling.prompts_per_round={per_round} exceeds the {num_train} "
+                          "training prompts: lower it")
+    rounds = cfg.train.rounds or math.ceil(num_train / per_round)
     steps = cfg.train.steps or math.ceil(per_round / cfg.train.lists_per_step) * cfg.train.epochs
     return _Plan((steps,) * rounds, local_lists, real_local, exact_pass=False)
 
@@ -129,10 +133,11 @@ def offline_plan(cfg: Config, mesh, num_kept: int) -> _Plan:
         raise ConfigError(f"train.steps={cfg.train.steps}: offline runs make one update per "
                           "train.lists_per_step kept lists (each list once per epoch); set it to 0")
     local_lists, real_local = _batch_layout(cfg, mesh)
-    per_host = -(-num_kept // jax.process_count())  # host 0 holds the most lists
-    chunk = real_local * OFFLINE_ROUND_STEPS
-    epoch = tuple(math.ceil(min(chunk, per_host - start) / real_local)
-                  for start in range(0, per_host, chunk))
+    # one update = one global loader batch (host h takes its h-th contiguous block of
+    # real_local lists), so an update's lists do not depend on the number of hosts
+    updates = math.ceil(num_kept / (real_local * jax.process_count()))
+    epoch = tuple(min(OFFLINE_ROUND_STEPS, updates - start)
+                  for start in range(0, updates, OFFLINE_ROUND_STEPS))
     return _Plan(epoch * cfg.train.epochs, local_lists, real_local, exact_pass=True)
 
 
@@ -147,7 +152,7 @@ def _same_value(dotted: str, saved, now) -> bool:
 
 
 # Sections whose change makes an existing checkpoint a different run.
-_RUN_DEFINING = ("model", "lora", "loss", "optim", "train", "data", "sampling")
+_RUN_DEFINING = ("model", "lora", "loss", "optim", "train", "data", "sampling", "m3po")
 _NOT_RUN_DEFINING = {"train.out_dir", "train.log_every"}
 
 
@@ -156,6 +161,8 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
     now = config_to_dict(cfg)
     diffs = []
     for section in _RUN_DEFINING:
+        if section == "m3po" and section not in saved:  # saved before the section existed
+            saved = dict(saved, m3po=config_to_dict(Config())["m3po"])
         for key, value in now[section].items():
             dotted = f"{section}.{key}"
             if dotted not in _NOT_RUN_DEFINING and not _same_value(
@@ -194,6 +201,11 @@ class _Trainer:
             self.ref_fn = build_ref_logps(self.parts.graphdef, self.state.params, self.frozen,
                                           self.reference, mesh=mesh,
                                           shared_prefix=cfg.train.shared_prefix)
+        self.policy_fn = None  # M3PO: the policy's log-probs of a round's candidates
+        if cfg.m3po.pairs == "m3p" and rounds.uses_sampling(cfg):
+            self.policy_fn = m3po.build_policy_logps(self.parts.graphdef, self.state.params,
+                                                     self.frozen, mesh=mesh,
+                                                     shared_prefix=cfg.train.shared_prefix)
         self.most_lists = 0  # the most lists any host kept this round
 
     def model(self, *, reference: bool = False):
@@ -220,6 +232,12 @@ class _Trainer:
         image = examples[0].image if examples else np.zeros((8, 8, 3), np.uint8)
         pixel_shape = proc.pixel_values([image]).shape[1:]
         lists, self.most_lists = rounds.align_across_hosts(lists, cfg, proc, pixel_shape)
+        if rounds.uses_pairs(cfg):  # M3PO & baselines: each list cut to its selected pair
+            lists = m3po.select_round_pairs(lists, self.policy_fn, self.state, self.frozen,
+                                            self.mesh, self.plan.local_lists, self.most_lists,
+                                            cfg.m3po, cfg.train.seed, round_index)
+            lists, self.most_lists = rounds.align_across_hosts(lists, cfg, proc, pixel_shape,
+                                                               num_candidates=2)
         if self.most_lists and self.ref_fn is not None:
             rounds.add_ref_logps(lists, self.ref_fn, self.state, self.frozen, self.reference,
                                  self.mesh, self.plan.local_lists, self.most_lists)
@@ -233,8 +251,8 @@ class _Trainer:
             return None
         n, real = len(lists), self.plan.real_local
         order = np.random.default_rng([self.cfg.train.seed, round_index]).permutation(n)
-        if self.plan.exact_pass:
-            idx = [int(i) for i in order[step_in_round * real:(step_in_round + 1) * real]]
+        if self.plan.exact_pass:  # the loader's batch of this update (already shuffled)
+            idx = list(range(step_in_round * real, min((step_in_round + 1) * real, n)))
         else:
             idx = [int(order[(step_in_round * real + j) % n]) for j in range(min(real, n))] if n else []
         batch = to_global(lists.step_batch(idx, self.plan.local_lists), self.mesh)
@@ -260,8 +278,8 @@ def _plan_and_loader(cfg: Config, mesh, data) -> tuple[_Plan, ShardedLoader]:
     hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.train.mode == "online":
         plan = online_plan(cfg, mesh, len(data.train))
-        loader = ShardedLoader(data.train, cfg.sampling.prompts_per_round, seed=cfg.data.seed,
-                               **hosts)
+        loader = ShardedLoader(data.train, cfg.sampling.prompts_per_round // jax.process_count(),
+                               seed=cfg.data.seed, **hosts)
         return plan, loader
     kept, counts = rounds.offline_kept(cfg, data.train_text or data.train)
     drops = rounds.describe_drops(counts, cfg.data.min_margin)
@@ -269,8 +287,8 @@ def _plan_and_loader(cfg: Config, mesh, data) -> tuple[_Plan, ShardedLoader]:
         raise ConfigError(f"train.mode=offline: none of the {counts['records']} lists of "
                           f"data.path is kept ({drops}): the run would train 0 steps")
     plan = offline_plan(cfg, mesh, len(kept))
-    loader = ShardedLoader(Subset(data.train, kept), plan.real_local * OFFLINE_ROUND_STEPS,
-                           seed=cfg.data.seed, drop_remainder=False, **hosts)
+    loader = ShardedLoader(Subset(data.train, kept), plan.real_local, seed=cfg.data.seed,
+                           drop_remainder=False, **hosts)  # one batch per update
     if jax.process_index() == 0:
         print(f"[train] offline: {len(kept)} of {counts['records']} lists kept ({drops}); "
               f"{plan.total_steps} updates over {cfg.train.epochs} epoch(s)", flush=True)
@@ -388,7 +406,9 @@ class _Run:
         if inside:  # the round's prompts and lists are reused, never re-sampled
             self.loader.restore(position["loader_at_round_start"])
         start_state = self.loader.state()
-        examples = [prepare.record_example(rec) for rec in next(self.loader)]
+        # offline: one loader batch per update of the round; online: one per round
+        draws = trainer.plan.round_steps[r] if trainer.plan.exact_pass else 1
+        examples = [prepare.record_example(rec) for _ in range(draws) for rec in next(self.loader)]
         path = _lists_path(cfg.train.out_dir, r)
         if inside:
             if not os.path.exists(path):

@@ -13,6 +13,7 @@ from perpo_jax.config import Config
 from perpo_jax.data.batching import PromptTooLongError, bucketed
 from perpo_jax.data.prepare import prompt_batch_for, text_of
 from perpo_jax.evaluate import prompt_length, prompt_limit
+from perpo_jax.m3po import mas_scorer
 from perpo_jax.rewards import build_lists, get_reward
 from perpo_jax.sampling import sample
 from perpo_jax.train.hosts import global_max, local_rows, to_global
@@ -29,6 +30,11 @@ def uses_sampling(cfg: Config) -> bool:
 def uses_ground_truth(cfg: Config) -> bool:
     """One-candidate lists of the ground-truth answer: SFT without sampled candidates."""
     return not uses_sampling(cfg) and not (cfg.train.mode == "offline" and cfg.loss.name != "sft")
+
+
+def uses_pairs(cfg: Config) -> bool:
+    """M3PO and its baselines: each sampled list is cut to one selected pair (K = 2)."""
+    return cfg.m3po.pairs != "none" and uses_sampling(cfg)
 
 
 def response_length(cfg: Config) -> int:
@@ -82,6 +88,9 @@ def sample_round_lists(cfg: Config, processor, model, mesh, examples, round_inde
     texts = [[processor.decode_response(c) for c in row] for row in ids]
     reward_fn = get_reward(cfg.data.task)
     gt = ground_truth(cfg.data.task, examples)
+    scorer = mas_scorer(cfg) if uses_pairs(cfg) else None
+    if scorer is not None:  # M3PO with a MAS other than the task reward
+        reward_fn = _mas_reward(scorer, examples)
     rewards = [np.asarray(reward_fn(texts[b], repeat_target(gt, b, k)), np.float32)
                for b in range(len(examples))]
     lists = lists_from_candidates(
@@ -90,6 +99,12 @@ def sample_round_lists(cfg: Config, processor, model, mesh, examples, round_inde
         max_response=cfg.sampling.max_new_tokens)
     lists.stats["samples_per_s"] = len(examples) * k / max(seconds, 1e-9)
     return lists
+
+
+def _mas_reward(scorer, examples):
+    """A MAS scorer seen as a reward function: called once per prompt, in prompt order."""
+    calls = iter(examples)
+    return lambda texts, target: scorer(texts, next(calls), target)
 
 
 def offline_round_lists(cfg: Config, processor, examples) -> ListSet:
@@ -119,15 +134,17 @@ def ground_truth_lists(cfg: Config, processor, examples) -> ListSet:
         max_response=cfg.train.max_response_length)
 
 
-def align_across_hosts(lists: ListSet, cfg: Config, processor, pixel_shape) -> tuple[ListSet, int]:
+def align_across_hosts(lists: ListSet, cfg: Config, processor, pixel_shape,
+                       num_candidates: int | None = None) -> tuple[ListSet, int]:
     """Makes every host's ListSet the same width and returns (lists, the most lists any host
-    kept). A host that kept none gets an empty ListSet of the right row shapes."""
+    kept). A host that kept none gets an empty ListSet of the right row shapes (K =
+    `num_candidates`, default: what the config's lists hold)."""
     width = lists.arrays["prompt_ids"].shape[1] if len(lists) else 0
     sync = global_max({"lists": len(lists), "width": width})
     if sync["lists"] == 0:
         return lists, 0
     if not len(lists):
-        k = 1 if uses_ground_truth(cfg) else cfg.train.num_candidates
+        k = num_candidates or (1 if uses_ground_truth(cfg) else cfg.train.num_candidates)
         r = response_length(cfg)
         lists = ListSet.empty({
             "pixel_values": (tuple(pixel_shape), "<f4"), "prompt_ids": ((sync["width"],), "<i4"),
@@ -189,6 +206,9 @@ def describe_drops(counts: dict, min_margin: float) -> str:
         parts.append(f"{int(counts['dropped_too_few'])} with fewer than 2 distinct candidates")
     if counts.get("dropped_nonfinite_reward"):
         parts.append(f"{int(counts['dropped_nonfinite_reward'])} with a non-finite reward")
+    if counts.get("dropped_no_pair"):
+        parts.append(f"{int(counts['dropped_no_pair'])} without a pair whose MAS differ by "
+                     "m3po.delta")
     if counts.get("duplicates_removed"):
         parts.append(f"{int(counts['duplicates_removed'])} duplicate candidates removed")
     return ", ".join(parts) or "none dropped"
