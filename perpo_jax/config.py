@@ -78,6 +78,7 @@ class OptimConfig:
     lr: float = 5e-6
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # > 0: this many warmup updates, overriding warmup_ratio (as HF's Trainer)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     b1: float = 0.9
@@ -133,12 +134,17 @@ class DataConfig:
     task: str = "grounding"  # grounding | ocr (a key of rewards.REWARDS)
     # shapes_grounding | shapes_ocr | shapes_pope (yes/no object questions, data.task=pope) |
     # refcoco_style (JSONL) | refer (refer-toolkit refs(*).p +
-    # instances.json) | official_json (pre-sampled PerPO lists)
+    # instances.json) | official_json (pre-sampled PerPO lists) | page_ocr (page image + its
+    # full text, data.task=ocr; layout in data.ocr_format)
     source: str = "shapes_grounding"
     data_dir: str = "runs/data"
     # annotation file (refcoco_style / official_json) or refer dataset dir (refer: holds
     # refs(<split_by>).p and instances.json)
     path: str | None = None
+    # page_ocr layout: jsonl ({"image", "text"} per line) | fox (the Fox benchmark's page-OCR
+    # JSON); see perpo_jax.data.page_ocr. Images are relative to data.image_dir (page_ocr
+    # without image_dir: the annotation file's directory)
+    ocr_format: str = "jsonl"
     refer_split_by: str = "unc"  # refer: which refs(<split_by>).p to read (unc | umd | google)
     image_dir: str | None = None
     tokenizer: str | None = None  # tokenizer dir; default: the HF checkpoint's or the dataset's
@@ -146,7 +152,8 @@ class DataConfig:
     num_val: int = 200
     image_size: int = 64
     # prompt template: chat_template (the checkpoint's own) | llava_v1 (the official PerPO
-    # conversation) | auto (chat_template when the checkpoint has one, else llava_v1)
+    # conversation) | qwen_1_5 (LLaVA-NeXT's ChatML conversation, perpo_jax.data.chat_templates)
+    # | auto (chat_template when the checkpoint has one, else llava_v1)
     template: str = "auto"
     # pad (LLaVA-1.5 pad-to-square with the image mean, the official run) | crop (CLIP resize +
     # center crop) | checkpoint (whatever the checkpoint's image processor does)
@@ -227,8 +234,9 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mode": ("online", "offline"),
     "data.source": ("shapes_grounding", "shapes_ocr", "shapes_pope", "refcoco_style", "refer",
-                    "official_json"),
-    "data.template": ("auto", "chat_template", "llava_v1"),
+                    "official_json", "page_ocr"),
+    "data.template": ("auto", "chat_template", "llava_v1", "qwen_1_5"),
+    "data.ocr_format": ("jsonl", "fox"),
     "data.image_aspect_ratio": ("pad", "crop", "checkpoint"),
     "data.box_frame": ("original", "padded"),
     "data.refer_split_by": ("unc", "umd", "google"),
@@ -343,6 +351,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(cfg.train, key)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
     if not 0.0 <= cfg.lora.dropout < 1.0:
@@ -371,8 +381,12 @@ def validate(cfg: Config) -> Config:
     if cfg.m3po.pairs != "none" and cfg.train.mode != "online":
         raise ConfigError(f"m3po.pairs={cfg.m3po.pairs!r} selects pairs among the policy's own "
                           "samples: it needs train.mode=online")
-    if cfg.data.source in ("refcoco_style", "refer", "official_json") and not cfg.data.path:
+    if cfg.data.source in ("refcoco_style", "refer", "official_json",
+                           "page_ocr") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r}")
+    if cfg.data.source == "page_ocr" and cfg.data.task != "ocr":
+        raise ConfigError(f"data.task: data.source='page_ocr' holds OCR pages, needs "
+                          f"data.task=ocr, got {cfg.data.task!r}")
     return cfg
 
 

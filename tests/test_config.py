@@ -1,5 +1,7 @@
 """Config schema: YAML + dotted overrides, errors name the key."""
 
+from pathlib import Path
+
 import pytest
 
 from perpo_jax.config import Config, ConfigError, config_from_dict, load_config, parse_override
@@ -110,6 +112,48 @@ def test_shipped_configs_load_and_validate():
     ocr = cfgs["qwen2_siglip_ocr_perpo"]
     assert (ocr.train.num_candidates, ocr.data.min_margin, ocr.lora.trainable) == (5, 0.04, ["multi_modal_projector"])
     assert ocr.mesh.shape == [1, -1, 1] and ocr.train.rounds == 0  # one pass over the data
+
+
+def test_ocr_recipe_matches_the_official_llava_next_run():
+    """N = 5, projector trained, min_margin 0.04, 100 warmup steps, max length 4096, one
+    epoch over every page of the page-OCR reader, the qwen_1_5 conversation."""
+    ocr = load_config(Path(__file__).resolve().parents[1] / "configs" / "qwen2_siglip_ocr_perpo.yaml")
+    assert (ocr.sampling.num_samples, ocr.train.num_candidates) == (5, 5)
+    assert ocr.lora.trainable == ["multi_modal_projector"] and ocr.lora.enabled
+    assert ocr.data.min_margin == 0.04
+    assert ocr.optim.warmup_steps == 100
+    assert ocr.train.max_length == 4096
+    # one epoch over the whole dataset: rounds and steps derived from the data, no cap
+    assert (ocr.train.mode, ocr.train.rounds, ocr.train.steps, ocr.train.epochs) == (
+        "online", 0, 0, 1)
+    assert (ocr.data.task, ocr.data.source, ocr.data.ocr_format, ocr.data.template) == (
+        "ocr", "page_ocr", "jsonl", "qwen_1_5")
+    assert (ocr.loss.name, ocr.loss.beta, ocr.loss.gamma) == ("perpo", 0.1, 0.5)
+
+
+def test_warmup_steps_override_the_ratio_as_hf_does():
+    from perpo_jax.train.optim import make_schedule
+
+    cfg = load_config(None, ["optim.warmup_steps=100", "optim.warmup_ratio=0.03",
+                             "optim.schedule=constant", "optim.lr=1.0"])
+    schedule = make_schedule(cfg.optim, total_steps=1000)
+    assert float(schedule(50)) == pytest.approx(0.5)  # ratio would have ended warmup at 30
+    assert float(schedule(100)) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="optim.warmup_steps"):
+        load_config(None, ["optim.warmup_steps=-1"])
+
+
+def test_page_ocr_source_and_qwen_template_are_accepted():
+    cfg = load_config(None, ["data.task=ocr", "data.source=page_ocr", "data.path=x.json",
+                             "data.ocr_format=fox", "data.template=qwen_1_5"])
+    assert (cfg.data.source, cfg.data.ocr_format, cfg.data.template) == ("page_ocr", "fox",
+                                                                         "qwen_1_5")
+    with pytest.raises(ConfigError, match="data.ocr_format"):
+        load_config(None, ["data.ocr_format=xml"])
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(None, ["data.task=ocr", "data.source=page_ocr"])
+    with pytest.raises(ConfigError, match="data.task"):
+        load_config(None, ["data.source=page_ocr", "data.path=x.jsonl"])
 
 
 def test_base_chain_is_checked(tmp_path):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from perpo_jax.config import Config, ConfigError
-from perpo_jax.data import refcoco_builders, shapes_grounding, shapes_ocr, shapes_pope
+from perpo_jax.data import page_ocr, refcoco_builders, shapes_grounding, shapes_ocr, shapes_pope
 from perpo_jax.data.batching import prompt_batch
 from perpo_jax.data.processor import LlavaPromptProcessor
 from perpo_jax.data.tokenizer import tokenizer_corpus, train_tokenizer
@@ -171,10 +171,15 @@ def _dataset_name(cfg: Config) -> str:
     by path: replacing an image file in place is not seen (delete the dataset dir).
     """
     d = cfg.data
+    # page_ocr without image_dir: image paths are relative to the annotation file's dir
+    image_root = d.image_dir or os.path.dirname(os.path.abspath(d.path))
     settings = {"key_version": _CACHE_KEY_VERSION, "source": d.source,
-                "image_dir": os.path.abspath(d.image_dir), "skip_invalid": d.skip_invalid,
+                "image_dir": os.path.abspath(image_root),
+                "skip_invalid": d.skip_invalid,
                 "box_frame": None if d.source == "official_json" else d.box_frame,
                 "refer_split_by": d.refer_split_by if d.source == "refer" else None}
+    if d.source == "page_ocr":  # only here, so other sources keep their cache keys
+        settings["ocr_format"] = d.ocr_format
     return _slug(d.path, _content_digest(_source_files(cfg), settings))
 
 
@@ -230,12 +235,16 @@ def _build_dataset(cfg: Config):
                                  image_size=d.image_size, seed=d.seed,
                                  min_objects=d.min_objects, max_objects=d.max_objects), ()
 
-    if d.image_dir is None:
+    if d.image_dir is None and d.source != "page_ocr":  # page_ocr: the annotation file's dir
         raise ConfigError(f"data.image_dir: required for data.source={d.source!r}")
     for key, path in (("data.path", d.path), ("data.image_dir", d.image_dir)):
-        if not os.path.exists(path):
+        if path is not None and not os.path.exists(path):
             raise ConfigError(f"{key}: {path} does not exist")
-    if d.source == "refer":
+    if d.source == "page_ocr":
+        builder, skipped = page_ocr.build_page_ocr(
+            d.data_dir, d.path, d.image_dir, fmt=d.ocr_format, name=_dataset_name(cfg),
+            skip_invalid=d.skip_invalid)
+    elif d.source == "refer":
         builder, skipped = refcoco_builders.build_refer(
             d.data_dir, d.path, d.image_dir, split_by=d.refer_split_by, name=_dataset_name(cfg),
             box_frame=d.box_frame, skip_invalid=d.skip_invalid)

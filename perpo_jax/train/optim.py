@@ -31,7 +31,8 @@ def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     """lr(update index) for `cfg` (`perpo_jax.config.OptimConfig`) over `total_steps` updates.
 
-    Linear warmup 0 -> lr over `warmup_steps`, then cosine / linear decay to 0 at
+    Linear warmup 0 -> lr over `cfg.warmup_steps` updates when > 0, else over
+    `warmup_steps(cfg.warmup_ratio, total)`, then cosine / linear decay to 0 at
     `total_steps` (HF `get_cosine_schedule_with_warmup` / `get_linear_schedule_with_warmup`),
     or constant.
     """
@@ -39,7 +40,9 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
-    warm = warmup_steps(cfg.warmup_ratio, total_steps)
+    # a fixed warmup_steps > 0 wins over the ratio and is not clamped to the run, as in HF
+    # TrainingArguments (a run shorter than its warmup ends mid-ramp)
+    warm = cfg.warmup_steps if cfg.warmup_steps > 0 else warmup_steps(cfg.warmup_ratio, total_steps)
     decay = max(total_steps - warm, 1)
     if cfg.schedule == "cosine":
         after = optax.cosine_decay_schedule(cfg.lr, decay_steps=decay, alpha=0.0)
