@@ -5,6 +5,10 @@
     with atomic_file("out/report.json") as tmp_path:
         write(tmp_path)
 
+For a store URL (gs://, no rename there) the temp is local and `perpo_jax.storage` uploads it
+on success: a file as one object (appears whole), a dir file by file with its commit marker
+written last (`storage.COMMIT_MARKER`; readers refuse a URL dir without it).
+
 The temp lives in the target's parent so the final rename stays on one filesystem. What
 appears at the target has the modes a plain `mkdir` / `open(..., "w")` would give it (the
 umask's; a replaced file keeps its mode), not the private 0700 / 0600 of `tempfile` or of
@@ -20,10 +24,8 @@ import stat
 import tempfile
 from collections.abc import Iterator
 
-
-def is_url(path) -> bool:
-    """A store URL such as gs://bucket/dir (kept as given: never made absolute or realpath'd)."""
-    return "://" in str(path)
+from perpo_jax import storage
+from perpo_jax.storage import is_url  # noqa: F401  (re-exported: callers import it from here)
 
 
 def current_umask() -> int:
@@ -66,7 +68,16 @@ def _share_tree(root: str) -> None:
 @contextlib.contextmanager
 def atomic_dir(out_dir: str) -> Iterator[str]:
     """Yields a temp dir; on success it replaces `out_dir` (an existing one is swapped out
-    first and removed after, so a reader sees the old or the new dir, never a mix)."""
+    first and removed after, so a reader sees the old or the new dir, never a mix). For a URL:
+    a local temp dir, uploaded by `storage.commit_tree` (marker last) on success."""
+    if is_url(out_dir):
+        tmp = tempfile.mkdtemp(prefix="perpo_jax-upload-")
+        try:
+            yield tmp
+            storage.commit_tree(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -89,7 +100,17 @@ def atomic_dir(out_dir: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
-    """Yields a temp file path (same suffix as `path`); on success it replaces `path`."""
+    """Yields a temp file path (same suffix as `path`); on success it replaces `path` (a URL:
+    uploaded as one object)."""
+    if is_url(path):
+        fd, tmp = tempfile.mkstemp(prefix="perpo_jax-upload-", suffix=os.path.splitext(path)[1])
+        os.close(fd)
+        try:
+            yield tmp
+            storage.upload_file(tmp, path)
+        finally:
+            os.remove(tmp)
+        return
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

@@ -17,7 +17,9 @@ Heavy modules (jax, transformers, TFDS) are imported inside the subcommands, so 
 
 Paths are resolved once, here: `--checkpoint`, `--out`, `--from-hf` and the config's path keys
 (`PATH_KEYS`) are made absolute against the working directory before anything runs, so a
-relative path means the same to orbax and TFDS, and in the config saved with a run.
+relative path means the same to orbax and TFDS, and in the config saved with a run. A gs:// URL
+(`train.out_dir`, `checkpoint.dir`, `--checkpoint`, `export`/`convert --out`) is kept as written
+and checked in its bucket (`perpo_jax.storage`).
 
 `export` / `convert` replace their `--out` directory. A non-empty `--out` is refused unless
 `--overwrite` is given; an `--out` that is, contains or lies inside the checkpoint, the run dir
@@ -85,9 +87,11 @@ def _resolve_args(args) -> None:
     for name in PATH_ARGS:
         if getattr(args, name, None):
             setattr(args, name, _absolute(getattr(args, name)))
+    from perpo_jax import storage
+
     for name in ("checkpoint", "from_hf"):
         path = getattr(args, name, None)
-        if path is not None and not os.path.isdir(path):
+        if path is not None and not storage.isdir(path):  # gs:// too
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such directory")
 
 
@@ -97,18 +101,28 @@ def _within(path: str, root: str) -> bool:
 
 def check_out_dir(out: str, protected: dict[str, str | None], overwrite: bool) -> None:
     """Refuses (OutDirError) an `--out` that is, contains or lies inside a `protected` path
-    ({what: path}), whatever `overwrite` says, and a non-empty one unless `overwrite`."""
-    real = os.path.realpath(out)
+    ({what: path}), whatever `overwrite` says, and a non-empty one unless `overwrite`.
+    A gs:// URL is compared as written (no realpath) and checked in its bucket."""
+    from perpo_jax import storage
+
+    def real_path(path: str) -> str:
+        return path.rstrip("/") if storage.is_url(path) else os.path.realpath(path)
+
+    real = real_path(out)
     for what, path in protected.items():
         if path is None:
             continue
-        guarded = os.path.realpath(path)
+        guarded = real_path(path)
         relation = ("is" if real == guarded else "contains" if _within(guarded, real)
                     else "lies inside" if _within(real, guarded) else None)
         if relation is not None:
             raise OutDirError(f"--out {out} {relation} the {what} {path}: choose a directory "
                               "outside it (refused even with --overwrite)")
-    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+    if storage.is_url(out):  # a prefix with objects under it, or an object of that name
+        occupied = storage.isdir(out) or storage.isfile(out)
+    else:
+        occupied = os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out))
+    if occupied:
         if not overwrite:
             raise OutDirError(f"--out {out} exists and is not an empty directory: pass "
                               "--overwrite to replace it")
@@ -129,13 +143,14 @@ def _check_checkpoint(path: str) -> None:
     """One-line error unless `path` holds a training checkpoint (root or step dir) or a
     converted params checkpoint; runs before any dataset, directory or orbax thread exists
     (`_resolve_args` has already refused a missing dir)."""
+    from perpo_jax import storage
     from perpo_jax.checkpoint import STATE_ITEM
     from perpo_jax.hf import CheckpointError
     from perpo_jax.restore import is_params_checkpoint
 
-    steps = [n for n in os.listdir(path)
-             if n.isdigit() and os.path.isdir(os.path.join(path, n, STATE_ITEM))]
-    if not (steps or os.path.isdir(os.path.join(path, STATE_ITEM)) or is_params_checkpoint(path)):
+    steps = [n for n in storage.listdir(path)
+             if n.isdigit() and storage.isdir(os.path.join(path, n, STATE_ITEM))]
+    if not (steps or storage.isdir(os.path.join(path, STATE_ITEM)) or is_params_checkpoint(path)):
         raise CheckpointError(f"--checkpoint {path}: not a checkpoint (no finalised step "
                               f"<N>/{STATE_ITEM}, no {STATE_ITEM}/, no params/ + config.json)")
 
@@ -261,6 +276,7 @@ def cmd_eval(args) -> int:
 def _saved_config(checkpoint: str) -> dict:
     """The config saved with a training checkpoint (root or one step dir); {} for a converted
     params checkpoint or when none was saved."""
+    from perpo_jax import storage
     from perpo_jax.checkpoint import STATE_ITEM, Checkpointer
     from perpo_jax.restore import is_params_checkpoint
 
@@ -268,7 +284,7 @@ def _saved_config(checkpoint: str) -> dict:
         return {}
     root, step = checkpoint, None
     name = os.path.basename(checkpoint.rstrip(os.sep))
-    if name.isdigit() and os.path.isdir(os.path.join(checkpoint, STATE_ITEM)):
+    if name.isdigit() and storage.isdir(os.path.join(checkpoint, STATE_ITEM)):
         root, step = os.path.dirname(checkpoint), int(name)
     try:
         with Checkpointer(root, save_every=1, async_save=False) as ckpt:

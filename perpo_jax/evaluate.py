@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from perpo_jax import metrics as metrics_lib
+from perpo_jax import storage
 from perpo_jax.config import Config, ConfigError
 from perpo_jax.data.batching import PromptTooLongError, bucketed
 from perpo_jax.data.prepare import Example, prompt_batch_for, record_example
@@ -170,7 +171,7 @@ def write_eval_outputs(result: EvalResult, out_dir: str) -> dict[str, str]:
     """report.json (metrics + every prediction) and, for grounding, boxes.png (GT green,
     prediction red) of the first images. Returns {"report": path, "png": path?}."""
 
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)  # gs://: nothing to make; each file is uploaded whole
     gt = result.gt.tolist() if isinstance(result.gt, np.ndarray) else list(result.gt)
     predictions = [{"question": q, "prediction": t, "ground_truth": g}
                    for q, t, g in zip(result.questions, result.texts, gt)]

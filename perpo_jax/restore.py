@@ -6,17 +6,22 @@ Two layouts are read:
    the rest of the model is rebuilt from the config (tiny init / model.hf_path);
  * a converted params checkpoint (`save_params_checkpoint`): `params/` (orbax, every Param)
    next to an HF `config.json` and the tokenizer/processor files.
+
+Both may be gs:// URLs: orbax reads them there; a converted checkpoint on gs:// is read only
+when committed (`storage.COMMIT_MARKER`, written last by `save_params_checkpoint`).
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from perpo_jax.atomic import atomic_dir
+from perpo_jax import storage
+from perpo_jax.atomic import atomic_dir, is_url
 from perpo_jax.checkpoint import STATE_ITEM, Checkpointer, restore_target
 from perpo_jax.config import Config
 from perpo_jax.hf import CheckpointError, read_config
@@ -31,19 +36,23 @@ from perpo_jax.models.lora import merge_lora as merge_adapters
 
 
 PARAMS_ITEM = "params"
+ORBAX_COMMIT = "commit_success.txt"  # orbax's mark of a finalised step on gs:// (no rename there)
 
 
 def is_params_checkpoint(path: str) -> bool:
-    """True for a directory written by `save_params_checkpoint`."""
-    return (os.path.isdir(os.path.join(path, PARAMS_ITEM))
-            and os.path.isfile(os.path.join(path, "config.json")))
+    """True for a directory written by `save_params_checkpoint` (gs://: maybe uncommitted)."""
+    return (storage.isdir(os.path.join(path, PARAMS_ITEM))
+            and storage.isfile(os.path.join(path, "config.json")))
 
 
 def _train_state_dir(path: str) -> str:
     """The `train_state` item of a step dir, or of the latest finalised step of a root."""
-    if os.path.isdir(os.path.join(path, STATE_ITEM)):
+    if storage.isdir(os.path.join(path, STATE_ITEM)):
+        if is_url(path) and not storage.exists(os.path.join(path, ORBAX_COMMIT)):
+            raise FileNotFoundError(f"checkpoint step {path} is incomplete: no {ORBAX_COMMIT} "
+                                    "(its save was interrupted or is still running)")
         return os.path.join(path, STATE_ITEM)
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with Checkpointer(path, save_every=1, async_save=False) as ckpt:
         step = ckpt.latest_step()
@@ -96,7 +105,14 @@ def model_from_checkpoint(cfg: Config, path: str, mesh, processor, *, merge_lora
 
 
 def _restore_converted(cfg: Config, path: str, mesh):
-    config = read_config(path, as_jnp_dtype(cfg.model.dtype))
+    if is_url(path):
+        storage.require_committed(path, "params checkpoint")
+        with tempfile.TemporaryDirectory() as tmp:  # read_config reads a local dir
+            with open(os.path.join(tmp, "config.json"), "wb") as f:
+                f.write(storage.read_bytes(os.path.join(path, "config.json")))
+            config = read_config(tmp, as_jnp_dtype(cfg.model.dtype))
+    else:
+        config = read_config(path, as_jnp_dtype(cfg.model.dtype))
     abstract = nnx.eval_shape(lambda: new_model(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     params = _restore_params(os.path.join(path, PARAMS_ITEM), abstract_params, mesh)
@@ -105,8 +121,9 @@ def _restore_converted(cfg: Config, path: str, mesh):
 
 def save_params_checkpoint(model, out_dir: str, *, source_dir: str | None = None) -> str:
     """Every `nnx.Param` of `model` (orbax, `params/`) + its HF `config.json` + the
-    tokenizer/processor files of `source_dir`, written to a temp dir renamed to `out_dir`."""
-    out_dir = os.path.abspath(out_dir)
+    tokenizer/processor files of `source_dir`, written to a temp dir renamed to `out_dir`
+    (gs://: uploaded, commit marker last)."""
+    out_dir = out_dir if is_url(out_dir) else os.path.abspath(out_dir)
     with atomic_dir(out_dir) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, PARAMS_ITEM), {"params": nnx.state(model, nnx.Param)})

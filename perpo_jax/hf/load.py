@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from perpo_jax import mesh as mesh_lib
+from perpo_jax import storage
 from perpo_jax.hf.config_map import config_from_hf
 from perpo_jax.hf.errors import CheckpointError
 from perpo_jax.hf.mapping import IGNORED_SUFFIXES, Entry, canonical_key, entries_for, hf_shape, to_ours
@@ -79,7 +80,11 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh=None):
     dtype: parameter and compute dtype. mesh: optional `Mesh(data, fsdp, tensor)`; each
     parameter is placed on the sharding its logical names give (perpo_jax.mesh rules).
     Raises CheckpointError (a ValueError) naming the tensors/files when anything is off.
+    A gs:// dir (our export) is read only when committed, from a local download of it.
     """
+    if storage.is_url(path):
+        with storage.local_copy(path, "checkpoint") as local:
+            return load_pretrained(local, dtype, mesh)
     config = read_config(path, dtype)
     infos = checkpoint_index(path)
     abstract = nnx.eval_shape(lambda: _builder(config)(config, rngs=nnx.Rngs(0)))

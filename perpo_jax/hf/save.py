@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from perpo_jax.atomic import atomic_dir
+from perpo_jax.atomic import atomic_dir, is_url
 from perpo_jax.hf.config_map import config_to_hf
 from perpo_jax.hf.errors import CheckpointError
 from perpo_jax.hf.mapping import entries_for, hf_shape, to_hf
@@ -80,8 +80,8 @@ def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", s
     shards = plan_shards(sizes, parse_size(max_shard_size))
     names = shard_names(len(shards))
 
-    out_dir = os.path.abspath(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    out_dir = out_dir if is_url(out_dir) else os.path.abspath(out_dir)
+    with atomic_dir(out_dir) as tmp:  # gs://: uploaded, commit marker last (perpo_jax.storage)
         weight_map = {}
         for name, keys in zip(names, shards):
             tensors = {}

@@ -16,10 +16,12 @@ so a run resumed mid-round trains on exactly the same lists.
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Sequence
 
 import numpy as np
 
+from perpo_jax import storage
 from perpo_jax.atomic import atomic_file
 from perpo_jax.data.batching import bucketed, pad_prompts, pad_responses
 from perpo_jax.rewards import build_lists
@@ -71,14 +73,15 @@ class ListSet:
         return {k: (v.shape[1:], v.dtype.str) for k, v in self.arrays.items()}
 
     def save(self, path: str) -> None:
-        """Atomic: written to a temp file in the same folder, then renamed."""
+        """Atomic: written to a temp file in the same folder, then renamed (a gs:// path:
+        uploaded as one object, which appears whole or not at all)."""
         stats = {f"stat__{k}": np.asarray(v) for k, v in self.stats.items()}
         with atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **self.arrays, **stats)
 
     @classmethod
     def load(cls, path: str) -> "ListSet":
-        with np.load(path) as z:
+        with np.load(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path) as z:
             arrays = {k: z[k] for k in z.files if not k.startswith("stat__")}
             stats = {k[len("stat__"):]: float(z[k]) for k in z.files if k.startswith("stat__")}
         return cls(arrays, stats)

@@ -6,6 +6,9 @@ TensorBoard gets ONE events file per run, `<out_dir>/tb/events.out.tfevents.perp
 every invocation (a resume, a failed start) appends to; it is created at the first logged
 value, so an invocation that fails before logging leaves nothing behind, and a resume drops
 the events logged after the checkpoint it resumes from, as it does in metrics.jsonl.
+
+`out_dir` may be a store URL (gs://): there is no append in a store, so each write replaces
+the whole object (`storage.AppendFile`); the PNG is uploaded whole (`atomic_file`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import masked_crc32c
 
+from perpo_jax import storage
 from perpo_jax.atomic import atomic_file
 
 CURVES = ("loss", "pair_accuracy", "mean_reward")
@@ -57,14 +61,12 @@ class EventsFile:
 
     def __init__(self, path: str):
         self.path = path
+        self._file = storage.AppendFile(path)
         self._checked = False
 
     def events(self) -> list[Event]:
         """Every intact event in the file (a record torn by a kill ends the list)."""
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path, "rb") as f:
-            return [Event.FromString(data) for data, _ in _records(f.read())]
+        return [Event.FromString(data) for data, _ in _records(self._file.read())]
 
     def add_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         if not scalars:
@@ -73,13 +75,11 @@ class EventsFile:
             self._drop_torn_tail()
             self._checked = True
         events = []
-        if not os.path.exists(self.path):
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if not self._file.exists():
             events.append(Event(wall_time=time.time(), file_version="brain.Event:2"))
         values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
         events.append(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
-        with open(self.path, "ab") as f:
-            f.write(b"".join(_record(e.SerializeToString()) for e in events))
+        self._file.append(b"".join(_record(e.SerializeToString()) for e in events))
 
     def truncate_after(self, step: int) -> None:
         """Drops the events of steps after `step` (kept: the file-version header)."""
@@ -91,17 +91,13 @@ class EventsFile:
     def _drop_torn_tail(self) -> None:
         """A kill mid-append leaves a partial record; appending after it would hide every
         later event from TensorBoard, so the file is cut back to its intact records."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb") as f:
-            blob = f.read()
+        blob = self._file.read()
         intact = max((end for _, end in _records(blob)), default=0)
         if intact < len(blob):
             self._rewrite([Event.FromString(data) for data, _ in _records(blob)])
 
     def _rewrite(self, events: Sequence[Event]) -> None:
-        with atomic_file(self.path) as tmp, open(tmp, "wb") as f:
-            f.write(b"".join(_record(e.SerializeToString()) for e in events))
+        self._file.rewrite(b"".join(_record(e.SerializeToString()) for e in events))
 
 
 class RunLog:
@@ -113,16 +109,16 @@ class RunLog:
         self.out_dir = out_dir
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self._file = storage.AppendFile(self.path)
         self.events = EventsFile(os.path.join(out_dir, "tb", EVENTS_FILE)) if tensorboard else None
         if enabled:
-            os.makedirs(out_dir, exist_ok=True)
+            storage.makedirs(out_dir)
 
     def write(self, record: Mapping[str, float], *, step: int, kind: str = "step") -> None:
         if not self.enabled:
             return
         row = {"kind": kind, "step": int(step), **{k: _plain(v) for k, v in record.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._file.append((json.dumps(row) + "\n").encode())
         if self.events is not None:
             self.events.add_scalars(
                 {f"{kind}/{name}": float(value) for name, value in row.items()
@@ -131,15 +127,12 @@ class RunLog:
 
     def records(self, kind: str | None = None) -> list[dict]:
         """Logged rows (of one kind); a line cut short by a kill is skipped."""
-        if not os.path.exists(self.path):
-            return []
         rows = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        for line in self._file.read().decode("utf-8", errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
         return [r for r in rows if kind is None or r.get("kind") == kind]
 
     def truncate_after(self, step: int) -> None:
@@ -149,11 +142,10 @@ class RunLog:
             return
         if self.events is not None:
             self.events.truncate_after(step)
-        if not os.path.exists(self.path):
+        if not self._file.exists():
             return
         keep = [r for r in self.records() if r.get("step", 0) <= step]
-        with atomic_file(self.path) as tmp, open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
+        self._file.rewrite("".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def close(self) -> None:
         """Nothing stays open between writes; kept so callers can treat it as a resource."""
