@@ -12,14 +12,24 @@
 - `PERPO_JAX_DISTRIBUTED=0` or none of the above: nothing (one process).
 
 Must run before anything touches a JAX backend; a second call is a no-op.
+
+`process_zero_first(build)` runs a host-side build (dataset preparation) on process 0 first,
+the others after a barrier: with a shared dir they find process 0's files and reuse them;
+with per-host local dirs they build the same files themselves (builds are deterministic).
 """
 from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 ENV_FLAG = "PERPO_JAX_DISTRIBUTED"
 _TPU_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID")
+# A pod-sized dataset build can take hours on process 0 while the others wait.
+BUILD_BARRIER_TIMEOUT_S = 24 * 3600
 
 
 def on_tpu_vm() -> bool:
@@ -71,3 +81,21 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         jax.distributed.initialize()
         return True
     return False
+
+
+def process_zero_first(build: Callable[[], T], name: str,
+                       timeout_s: int = BUILD_BARRIER_TIMEOUT_S) -> T:
+    """`build()` on process 0, then on every other process after a barrier named `name`.
+
+    One process: just `build()`. Process 0's failure reaches the others as a barrier
+    timeout, so it is re-raised there first; the barrier is the distributed runtime's
+    (orbax's `sync_global_processes`), which waits up to `timeout_s` seconds.
+    """
+    import jax  # here, like initialize_distributed: the CLI checks flags before loading jax
+    from orbax.checkpoint import multihost
+
+    if jax.process_count() == 1:
+        return build()
+    result = build() if jax.process_index() == 0 else None
+    multihost.sync_global_processes(f"perpo_jax:{name}", timeout=timeout_s)
+    return result if jax.process_index() == 0 else build()

@@ -7,7 +7,11 @@ Builds the (2, 2, 2) mesh over every process's devices, draws two rounds of prom
 prompt with a tiny random LLaVA (the same weights everywhere), rewards this host's own rows,
 agrees on counts across hosts, and writes (process 0) what the GLOBAL batch was: indices,
 sampled tokens and summed rewards. A 1-process 8-device run must write the same file.
+Then it prepares a tiny dataset into a dir of its own (per-host local dirs: process 0
+first, the others after a barrier, each building its own copy) and writes a digest of its
+records to OUT_JSON's dir as `digest<hosts>_<process>.txt`: every copy must be equal.
 """
+import hashlib
 import json
 import os
 import sys
@@ -28,7 +32,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
+from perpo_jax.config import config_from_dict  # noqa: E402
 from perpo_jax.data.loader import ShardedLoader  # noqa: E402
+from perpo_jax.data.prepare import prepare_data  # noqa: E402
+from perpo_jax.distributed import process_zero_first  # noqa: E402
 from perpo_jax.mesh import make_mesh  # noqa: E402
 from perpo_jax.models import build_model, tiny_llava_config  # noqa: E402
 from perpo_jax.models.from_config import place_on_mesh  # noqa: E402
@@ -79,5 +86,18 @@ report["loader_state"] = loader.state()
 if me == 0:
     with open(out_path, "w") as f:
         json.dump(report, f)
+
+out_dir = os.path.dirname(out_path)
+data_cfg = config_from_dict({}, [f"data.data_dir={out_dir}/data{hosts}_{me}", "data.num_train=6",
+                                 "data.num_val=2", "data.image_size=32", "data.source=shapes_ocr",
+                                 "data.task=ocr"])
+data = process_zero_first(lambda: prepare_data(data_cfg, progress=False), "worker_data")
+digest = hashlib.sha256()
+for i in range(len(data.train)):
+    record = data.train[i]
+    for key in sorted(record):
+        digest.update(key.encode() + np.asarray(record[key]).tobytes())
+with open(os.path.join(out_dir, f"digest{hosts}_{me}.txt"), "w") as f:
+    f.write(f"{len(data.train)} {digest.hexdigest()}")
 multihost_utils.sync_global_devices("done")
 print(f"process {me}/{hosts} done", flush=True)

@@ -85,6 +85,10 @@ def test_two_processes_see_the_global_batch_of_one(tmp_path):
     assert a["rounds"] == b["rounds"]  # same prompts, order, keys, tokens and rewards
     assert len({i for r in a["rounds"] for i in r["index"]}) == 16  # 2 disjoint rounds of 8
     assert a["loader_state"] == b["loader_state"] == {"epoch": 0, "batch": 2}
+    # per-host local data dirs: each host built its own copy, all equal
+    digests = {p.name: p.read_text() for p in tmp_path.glob("digest*.txt")}
+    assert sorted(digests) == ["digest1_0.txt", "digest2_0.txt", "digest2_1.txt"]
+    assert len(set(digests.values())) == 1 and digests["digest1_0.txt"].startswith("6 ")
 
 
 def test_distributed_flags_and_auto_detection(monkeypatch, capsys):
@@ -109,45 +113,27 @@ def test_distributed_flags_and_auto_detection(monkeypatch, capsys):
 
 TINY = ["model.tiny={hidden_size: 32, num_layers: 1, image_size: 16, patch_size: 8, "
         "vocab_size: 320}", "lora.enabled=true", "lora.rank=4", "data.image_size=32",
-        "train.mode=offline", "train.epochs=1", "train.steps=0", "train.lists_per_step=4",
-        "train.num_candidates=3", "train.max_length=192", "train.max_response_length=12",
-        "data.min_margin=0.0", "optim.lr=1e-3", "optim.warmup_ratio=0.0", "mesh.shape=[2,2,2]",
-        "checkpoint.save_every=2", "checkpoint.async_save=false", "data.source=official_json"]
+        "data.task=ocr", "data.source=shapes_ocr", "data.num_train=16", "data.num_val=4",
+        "data.min_margin=0.0", "train.mode=online", "train.rounds=2", "train.steps=0",
+        "sampling.prompts_per_round=8", "sampling.num_samples=3", "sampling.max_new_tokens=6",
+        "train.num_candidates=3", "train.lists_per_step=4", "train.max_length=192",
+        "train.max_response_length=8", "optim.lr=1e-3", "optim.warmup_ratio=0.0",
+        "mesh.shape=[2,2,2]", "checkpoint.save_every=2", "checkpoint.async_save=false"]
 
 
-def _official_lists(tmp_path: Path) -> list[str]:
-    from PIL import Image
-
-    (tmp_path / "img").mkdir()
-    entries = []
-    for i in range(14):  # 14 lists, 4 per update: the last update takes 2 (exact pass)
-        Image.new("RGB", (40, 30), (15 * i, 200 - 9 * i, 10)).save(tmp_path / "img" / f"{i}.jpg")
-        entries.append({
-            "image_id": i, "image_path": f"{i}.jpg",
-            "question": f"Please provide the bounding box of thing {i}",
-            "answer": "[0.1, 0.2, 0.5, 0.6]",
-            "answers_gen": ["[0.1, 0.2, 0.5, 0.6]", f"[0.1{i % 10}, 0.2, 0.5, 0.6]",
-                            "[0.6, 0.6, 0.9, 0.9]"],
-            "iou_scores": [1.0, 0.9 - 0.03 * i, 0.0],
-        })
-    (tmp_path / "lists.json").write_text(json.dumps(entries))
-    return [f"data.path={tmp_path / 'lists.json'}", f"data.image_dir={tmp_path / 'img'}"]
-
-
-def _train_cmd(run: Path, data_dir: Path, data: list[str]) -> list[str]:
+def _train_cmd(run: Path, data_dir: Path) -> list[str]:
     # the real CLI
-    return [sys.executable, "-m", "perpo_jax.cli", "train", *TINY, *data,
+    return [sys.executable, "-m", "perpo_jax.cli", "train", *TINY,
             f"data.data_dir={data_dir}", f"train.out_dir={run}"]
 
 
 def _final_params(run: Path) -> dict:
+    import jax
     import numpy as np
     import orbax.checkpoint as ocp
 
     ckpt = run / "checkpoints"
     step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
-    import jax
-
     path = str(ckpt / str(step) / "train_state")
     checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(path)
@@ -159,31 +145,28 @@ def _final_params(run: Path) -> dict:
     return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
-def test_offline_run_on_two_processes_equals_one(tmp_path):
-    """2 processes x 4 devices vs 1 x 8 on a (2, 2, 2) mesh: offline PerPO (lists, reference
-    log-probs, updates, checkpoints written by both hosts into one dir). The 2-process run gets SIGTERM on both hosts before its first update:
-    they agree on one step, checkpoint it and exit; rerun, it resumes and ends with the
-    weights of the uninterrupted 1-process run (<= 1e-5)."""
+def test_online_run_on_two_processes_equals_one(tmp_path):
+    """2 processes x 4 devices vs 1 x 8 on a (2, 2, 2) mesh: online PerPO (data built by
+    process 0 into a shared dir while process 1 waits at a barrier, sampling, per-host OCR
+    rewards, lists, updates, checkpoints written by both hosts into one dir). The 2-process
+    run gets SIGTERM on both hosts after its first round's lists: they agree on one step,
+    checkpoint it and exit; rerun, it resumes and ends with the weights of the uninterrupted
+    1-process run (<= 1e-5)."""
     import numpy as np
 
-    data = _official_lists(tmp_path)
-    # One data dir at the same path for every host (a pod's hosts each have it locally, or
-    # share it), built beforehand; the run's saved config names it, so a resumed host with
-    # another path would be refused as a different run.
-    shared = tmp_path / "data"
-    prepare = _train_cmd(tmp_path / "unused", shared, data)
-    prepare[prepare.index("train")] = "prepare-data"
-    run_processes([prepare], tmp_path / "prepare", devices=[8])
+    shared = tmp_path / "shared_data"  # one dir every host sees (a pod's NFS / same path)
 
     def two(port):
-        return [_train_cmd(tmp_path / "two", shared, data)
+        return [_train_cmd(tmp_path / "two", shared)
                 + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                    "--process-id", str(i)] for i in range(2)]
 
-    logs = run_processes([_train_cmd(tmp_path / "one", shared, data)]
+    logs = run_processes([_train_cmd(tmp_path / "one", tmp_path / "data_one")]
                          + two(free_port()), tmp_path / "first", devices=[8, 4, 4],
-                         sigterm=([1, 2], 1, "[train] offline"))
+                         sigterm=([1, 2], 1, "[round 0]"))
     assert "stopped early, checkpoint saved" in logs[1] and "stopped early" in logs[2]
+    built = [p for p in shared.rglob("dataset_info.json")]
+    assert len(built) == 1, built  # process 1 reused process 0's build
     stopped, _ = _final_params(tmp_path / "two")
     assert 1 <= stopped < 4
     logs = run_processes(two(free_port()), tmp_path / "resume", devices=[4, 4])

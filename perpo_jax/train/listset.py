@@ -7,6 +7,8 @@ A `ListSet` holds L lists, already filtered, sorted and padded to K candidates:
     rewards       [L, K]       f32     list_mask    [L, K] bool
     target_ids    [L, R]       i32     target_mask  [L, R] bool   (ground truth, for SFT)
     ref_logps     [L, K]       f32     (optional, reference log-probs computed once)
+    source        [L]          i32     index of the list's prompt among the round's examples
+                                       (orders lists across hosts; never part of a step batch)
 
 Three ways to make one: from sampled candidates (online), from pre-sampled official lists
 (offline), from ground-truth answers (SFT). A round's ListSet is saved to disk (atomically)
@@ -42,6 +44,8 @@ class ListSet:
         idx = np.asarray(indices, np.int64)
         out = {}
         for name, arr in self.arrays.items():
+            if name == "source":
+                continue
             rows = arr[idx]
             pad = batch_lists - len(idx)
             if pad > 0:
@@ -153,7 +157,8 @@ def lists_from_candidates(
     rewards_lk, mask_lk = built.padded(num_candidates)
     target_ids, target_mask, _ = _targets(processor, kept_examples, max_response)
     arrays.update(response_ids=padded.ids, response_mask=padded.mask, rewards=rewards_lk,
-                  list_mask=mask_lk, target_ids=target_ids, target_mask=target_mask)
+                  list_mask=mask_lk, target_ids=target_ids, target_mask=target_mask,
+                  source=np.asarray([c.index for c in built.lists], np.int32))
     stats["responses_truncated"] = float(padded.num_truncated)
     return ListSet(arrays, stats)
 
@@ -167,6 +172,7 @@ def lists_from_ground_truth(processor, examples: Sequence, *, max_prompt: int,
         response_ids=target_ids[:, None, :], response_mask=target_mask[:, None, :],
         rewards=np.ones((len(examples), 1), np.float32), list_mask=np.ones((len(examples), 1), bool),
         target_ids=target_ids, target_mask=target_mask,
+        source=np.arange(len(examples), dtype=np.int32),
     )
     return ListSet(arrays, {"prompts": float(len(examples)), "lists_kept": float(len(examples)),
                             "responses_truncated": float(truncated)})

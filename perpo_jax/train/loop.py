@@ -39,11 +39,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from perpo_jax import m3po
+from perpo_jax import m3po, storage
 from perpo_jax.checkpoint import Checkpointer, PreemptionGuard
 from perpo_jax.config import Config, ConfigError, config_to_dict
 from perpo_jax.data import prepare
 from perpo_jax.data.loader import ShardedLoader, Subset
+from perpo_jax.distributed import process_zero_first
 from perpo_jax.models import from_config
 from perpo_jax.models.config import as_jnp_dtype
 from perpo_jax.models.lora import LoRAParam, apply_lora
@@ -249,12 +250,18 @@ class _Trainer:
         this round (nothing to learn)."""
         if not self.most_lists:
             return None
+        # `lists` holds every host's lists in one global order (rounds.gather_round_lists):
+        # an update takes the next `real · hosts` of them and this host its own block, as
+        # one process would place those rows on the same devices
         n, real = len(lists), self.plan.real_local
-        order = np.random.default_rng([self.cfg.train.seed, round_index]).permutation(n)
+        real_all, first = real * jax.process_count(), real * jax.process_index()
+        mine = range(first, first + real)
         if self.plan.exact_pass:  # the loader's batch of this update (already shuffled)
-            idx = list(range(step_in_round * real, min((step_in_round + 1) * real, n)))
+            idx = [step_in_round * real_all + q for q in mine if step_in_round * real_all + q < n]
         else:
-            idx = [int(order[(step_in_round * real + j) % n]) for j in range(min(real, n))] if n else []
+            order = np.random.default_rng([self.cfg.train.seed, round_index]).permutation(n)
+            idx = [int(order[(step_in_round * real_all + q) % n]) for q in mine
+                   if q < min(real_all, n)]
         batch = to_global(lists.step_batch(idx, self.plan.local_lists), self.mesh)
         t0 = time.perf_counter()
         self.state, metrics = self.step_fn(self.state, self.frozen, self.reference, batch)
@@ -335,7 +342,11 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
     a SIGTERM would (for tests and time-boxed jobs).
     """
     mesh = mesh if mesh is not None else from_config.build_mesh(cfg)
-    data = data if data is not None else prepare.prepare_data(cfg, progress=progress)
+    if data is None:
+        # on a pod: process 0 builds, the others reuse its files (shared dir) or build the
+        # same ones (per-host local dirs)
+        data = process_zero_first(lambda: prepare.prepare_data(cfg, progress=progress),
+                                  "prepare_data")
     plan, loader = _plan_and_loader(cfg, mesh, data)
     model = model if model is not None else from_config.build_model(cfg, mesh, data.processor)
     trainer = _Trainer(cfg, data, model, mesh, plan)
@@ -408,10 +419,15 @@ class _Run:
         start_state = self.loader.state()
         # offline: one loader batch per update of the round; online: one per round
         draws = trainer.plan.round_steps[r] if trainer.plan.exact_pass else 1
-        examples = [prepare.record_example(rec) for _ in range(draws) for rec in next(self.loader)]
+        examples, keys = [], []  # keys: each example's position in the round's global order
+        for d in range(draws):
+            drawn = [prepare.record_example(rec) for rec in next(self.loader)]
+            start = d * self.loader.global_batch + jax.process_index() * self.loader.batch_size
+            examples += drawn
+            keys += range(start, start + len(drawn))
         path = _lists_path(cfg.train.out_dir, r)
         if inside:
-            if not os.path.exists(path):
+            if not storage.exists(path):  # a local path or gs://
                 raise FileNotFoundError(f"resuming inside round {r} needs its lists {path}; "
                                         f"they are written under train.out_dir={cfg.train.out_dir}")
             lists = ListSet.load(path)
@@ -422,6 +438,7 @@ class _Run:
             self.rounds.append({"round": r, **lists.stats})
             self.log.write(lists.stats, step=int(trainer.state.step), kind="round")
             self._report_round(r, lists.stats)
+        lists = rounds.gather_round_lists(lists, np.asarray(keys, np.int64))
         planned = trainer.plan.round_steps[r]
         for i in range(position["step_in_round"], planned):
             metrics = trainer.step(lists, r, i)

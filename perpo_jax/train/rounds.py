@@ -8,6 +8,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from perpo_jax.config import Config
 from perpo_jax.data.batching import PromptTooLongError, bucketed
@@ -150,9 +151,31 @@ def align_across_hosts(lists: ListSet, cfg: Config, processor, pixel_shape,
             "pixel_values": (tuple(pixel_shape), "<f4"), "prompt_ids": ((sync["width"],), "<i4"),
             "prompt_mask": ((sync["width"],), "|b1"), "response_ids": ((k, r), "<i4"),
             "response_mask": ((k, r), "|b1"), "rewards": ((k,), "<f4"), "list_mask": ((k,), "|b1"),
-            "target_ids": ((r,), "<i4"), "target_mask": ((r,), "|b1"),
+            "target_ids": ((r,), "<i4"), "target_mask": ((r,), "|b1"), "source": ((), "<i4"),
         }, lists.stats)
     return lists.with_prompt_length(sync["width"], processor.tokenizer.pad_token_id or 0), sync["lists"]
+
+
+def gather_round_lists(lists: ListSet, example_keys: np.ndarray) -> ListSet:
+    """Every host's lists of the round, on every host, in the order one process would hold
+    them: sorted by `example_keys[source]`, the global position of each list's prompt
+    (`example_keys` [E] int64: of this host's E round examples). One process: unchanged.
+
+    This is what makes a step's lists independent of the number of hosts: host h then
+    trains on the h-th block of each step's global lists, wherever they were sampled.
+    """
+    if jax.process_count() == 1 or not lists.arrays:
+        return lists
+    counts = np.asarray(multihost_utils.process_allgather(np.int64(len(lists))))  # [H]
+    most = int(counts.max())
+    mine = lists.step_batch(range(len(lists)), most)  # zero rows up to `most`, no source
+    mine["source"] = np.zeros(most, np.int32)  # from here on: the global position
+    mine["source"][:len(lists)] = np.asarray(example_keys)[lists.arrays["source"]]
+    every = multihost_utils.process_allgather(mine)  # {name: [H, most, ...]}
+    arrays = {name: np.concatenate([np.asarray(v)[h, :counts[h]] for h in range(len(counts))])
+              for name, v in every.items()}
+    order = np.argsort(arrays["source"], kind="stable")
+    return ListSet({name: v[order] for name, v in arrays.items()}, lists.stats)
 
 
 def add_ref_logps(lists: ListSet, ref_fn, state, frozen, reference, mesh, rows: int,
