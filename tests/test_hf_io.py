@@ -227,16 +227,20 @@ def _with_config(llava_dir, tmp_path, edit):
     return dst
 
 
-def test_anyres_config_is_a_clear_error(llava_dir, tmp_path):
+def test_llava_next_config_on_plain_llava_weights_names_the_missing_tensor(llava_dir, tmp_path):
+    """A LLaVA-NeXT config.json over weights without image_newline (a half-converted dir)
+    is refused naming the tensor; video models (not modelled) are refused as such."""
     def edit(cfg):
         cfg["model_type"] = "llava_next"
         cfg["image_grid_pinpoints"] = [[16, 32], [32, 16]]
 
     dst = _with_config(llava_dir, tmp_path, edit)
-    with pytest.raises(NotImplementedError, match="anyres"):
+    with pytest.raises(CheckpointError, match="image_newline"):
         load_pretrained(dst)
-    with pytest.raises(AnyresNotSupportedError):
-        load_pretrained(dst)
+    video = _with_config(llava_dir, tmp_path / "video",
+                         lambda cfg: cfg.update(model_type="llava_next_video"))
+    with pytest.raises(AnyresNotSupportedError, match="anyres|video"):
+        load_pretrained(video)
 
 
 def test_unsupported_architecture_is_a_clear_error(llava_dir, tmp_path):

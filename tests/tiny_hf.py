@@ -126,3 +126,77 @@ def hf_logits(model, ids, attention_mask=None, pixel_values=None) -> np.ndarray:
     with torch.no_grad():
         out = model(input_ids=torch.tensor(np.array(ids), dtype=torch.long), **kw)
     return out.logits.float().numpy()
+
+
+# ----------------------------------------------------------------------------- anyres (NeXT / OneVision)
+
+# 16 px tiles, patch 4: 4 x 4 features per tile; grids up to 3 tiles on a side.
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32], [16, 48], [48, 16]]
+ONEVISION_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32], [16, 48], [48, 16], [32, 48],
+                       [48, 32], [48, 48]]
+
+
+def llava_next(text_config=None, vision_config=None, seed: int = 0, **kw):
+    """LLaVA-NeXT: Llama + CLIP (16 px, patch 4), "default" strategy, layer -2."""
+    torch.manual_seed(seed)
+    cfg = tf.LlavaNextConfig(
+        text_config=text_config or llama_config(),
+        vision_config=vision_config or clip_config(image_size=16, patch_size=4),
+        image_token_index=kw.pop("image_token_index", IMAGE_TOKEN),
+        image_grid_pinpoints=kw.pop("image_grid_pinpoints", NEXT_PINPOINTS), **kw)
+    model = tf.LlavaNextForConditionalGeneration(cfg).eval().float()
+    return _randomize(model, seed)
+
+
+def llava_onevision(text_config=None, vision_config=None, seed: int = 0, **kw):
+    """LLaVA-OneVision: Qwen2 (tied) + SigLIP (16 px, patch 4, with head), "full", layer -1,
+    anyres_max_2 so grids of more than ~2 tiles' features are shrunk bilinearly."""
+    torch.manual_seed(seed)
+    cfg = tf.LlavaOnevisionConfig(
+        text_config=text_config or qwen2_config(),
+        vision_config=vision_config or siglip_config(image_size=16, patch_size=4,
+                                                     vision_use_head=True),
+        image_token_index=kw.pop("image_token_index", IMAGE_TOKEN),
+        image_grid_pinpoints=kw.pop("image_grid_pinpoints", ONEVISION_PINPOINTS),
+        vision_aspect_ratio=kw.pop("vision_aspect_ratio", "anyres_max_2"),
+        vision_feature_select_strategy="full", vision_feature_layer=-1, **kw)
+    model = tf.LlavaOnevisionForConditionalGeneration(cfg).eval().float()
+    return _randomize(model, seed)
+
+
+def anyres_feature_lengths(model, pixel_values, image_sizes) -> list[int]:
+    """Image tokens transformers' model produces per image (its packed feature lengths)."""
+    with torch.no_grad():
+        out = model.model.get_image_features(torch.tensor(np.asarray(pixel_values)),
+                                             torch.tensor(np.asarray(image_sizes)))
+    return [int(f.shape[0]) for f in out.pooler_output]
+
+
+def anyres_inputs(model, image_sizes, max_tiles: int, before: int = 3, after: int = 4,
+                  seed: int = 0):
+    """(input_ids [B, T], pixel_values [B, max_tiles, 3, S, S] f32, image_sizes [B, 2] int64):
+    each row's image token expanded to transformers' feature count for its image; rows padded
+    on the right with token 0 (give the mask) to the longest. Unused tiles hold noise, which
+    must not matter."""
+    rng = np.random.default_rng(seed)
+    sizes = np.asarray(image_sizes, np.int64)
+    s = model.config.vision_config.image_size
+    pixels = rng.standard_normal((len(sizes), max_tiles, 3, s, s)).astype(np.float32)
+    counts = anyres_feature_lengths(model, pixels, sizes)
+    rows = [np.concatenate([rng.integers(1, IMAGE_TOKEN - 1, size=before), np.full(n, IMAGE_TOKEN),
+                            rng.integers(1, IMAGE_TOKEN - 1, size=after)]) for n in counts]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask, pixels, sizes
+
+
+def hf_anyres_logits(model, ids, attention_mask, pixel_values, image_sizes) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long),
+                    attention_mask=torch.tensor(np.asarray(attention_mask), dtype=torch.long),
+                    pixel_values=torch.tensor(np.asarray(pixel_values)),
+                    image_sizes=torch.tensor(np.asarray(image_sizes)))
+    return out.logits.float().numpy()

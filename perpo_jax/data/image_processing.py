@@ -5,8 +5,9 @@
   `image_processor` entry of `processor_config.json`, which transformers 5 writes instead and
   which wins when both exist, as in `AutoImageProcessor`), loaded by
   `AutoImageProcessor.from_pretrained(dir, backend="pil")`. Only the classes LLaVA checkpoints
-  use are accepted: their PIL backends need no torchvision, and each returns one
-  [C, H, W] crop per image (LLaVA-NeXT tiling is a different input format).
+  use are accepted: their PIL backends need no torchvision. The plain LLaVA classes return one
+  [C, H, W] crop per image; `ANYRES` (LLaVA-NeXT / OneVision) return [N_tiles, C, H, W] tiles
+  plus the original size, and are accepted only where the caller asks for them.
 - `with_aspect_ratio(processor, mode)`: "checkpoint" keeps it; "pad" is LLaVA-1.5's
   `--image_aspect_ratio pad` (pad to square with the image mean, then the checkpoint's
   resize/crop); "crop" is CLIP's resize-shortest-edge + center crop.
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from transformers import (AutoImageProcessor, CLIPImageProcessorPil, LlavaImageProcessorPil,
+                          LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil,
                           SiglipImageProcessorPil)
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_transforms import convert_to_rgb
@@ -30,6 +32,9 @@ from transformers.image_transforms import convert_to_rgb
 SUPPORTED = {"CLIPImageProcessor": CLIPImageProcessorPil,
              "LlavaImageProcessor": LlavaImageProcessorPil,
              "SiglipImageProcessor": SiglipImageProcessorPil}
+# Tiling image processors of LLaVA-NeXT / OneVision checkpoints, by the model_type they serve.
+ANYRES = {"llava_next": {"LlavaNextImageProcessor": LlavaNextImageProcessorPil},
+          "llava_onevision": {"LlavaOnevisionImageProcessor": LlavaOnevisionImageProcessorPil}}
 ASPECT_RATIOS = ("checkpoint", "pad", "crop")
 # Settings carried over when "pad"/"crop" rebuild the processor as a LlavaImageProcessorPil.
 _SETTINGS = ("do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size",
@@ -57,16 +62,20 @@ def image_processor_type(path: str) -> tuple[str, str]:
     return name.removesuffix("Fast"), where
 
 
-def load_image_processor(path: str) -> BaseImageProcessor:
-    """The PIL-backend image processor the checkpoint in `path` names, with its settings."""
+def load_image_processor(path: str, model_type: str = "llava") -> BaseImageProcessor:
+    """The PIL-backend image processor the checkpoint in `path` names, with its settings.
+
+    model_type: "llava" accepts the single-crop classes (`SUPPORTED`), "llava_next" /
+    "llava_onevision" their tiling class (`ANYRES`)."""
+    supported = ANYRES.get(model_type, SUPPORTED)
     name, where = image_processor_type(path)
-    if name not in SUPPORTED:
-        raise ValueError(f"{where}: image processor class {name!r} is not supported "
-                         f"(supported: {', '.join(sorted(SUPPORTED))})")
+    if name not in supported:
+        raise ValueError(f"{where}: image processor class {name!r} is not supported for a "
+                         f"{model_type} model (supported: {', '.join(sorted(supported))})")
     processor = AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
-    if type(processor) is not SUPPORTED[name]:  # e.g. a class remapped by a custom registration
+    if type(processor) is not supported[name]:  # e.g. a class remapped by a custom registration
         raise ValueError(f"{where}: {name} loaded as {type(processor).__name__}, expected "
-                         f"{SUPPORTED[name].__name__}")
+                         f"{supported[name].__name__}")
     return processor
 
 
@@ -140,3 +149,19 @@ def _read_json(path: str) -> dict:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read: {e}") from e
+
+
+def anyres_max_tiles(processor: BaseImageProcessor) -> int:
+    """Static tile count per image of a tiling (LLaVA-NeXT / OneVision) image processor: the
+    base image plus the most tiles any of its `image_grid_pinpoints` is cut into (the tile side
+    chosen as transformers' `_preprocess` does: crop height, else size height, else shortest
+    edge)."""
+    settings = processor.to_dict()
+    crop, size = settings.get("crop_size") or {}, settings.get("size") or {}
+    tile = crop.get("height") or size.get("height") or size.get("shortest_edge")
+    if not tile:
+        raise ValueError(f"cannot tell the tile size of image processor settings {settings}")
+    pinpoints = settings.get("image_grid_pinpoints") or []
+    if not pinpoints:
+        raise ValueError(f"{type(processor).__name__} has no image_grid_pinpoints")
+    return 1 + max(-(-int(h) // tile) * -(-int(w) // tile) for h, w in pinpoints)

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from perpo_jax.hf.errors import AnyresNotSupportedError, CheckpointError
-from perpo_jax.models.config import LlavaConfig, RopeScaling, TextConfig, VisionConfig
+from perpo_jax.models.config import (LlavaConfig, LlavaNextConfig, RopeScaling, TextConfig,
+                                     VisionConfig)
 
 TEXT_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
-ANYRES_TYPES = ("llava_next", "llava_onevision", "llava_next_video")
+SUPPORTED_ANYRES = ("llava_next", "llava_onevision")
+ANYRES_TYPES = SUPPORTED_ANYRES + ("llava_next_video",)
 
 # transformers' config-class defaults: hub (v4) configs omit fields equal to them (e.g.
 # llava-1.5's text_config has no hidden_size), so a missing field means this value.
@@ -40,6 +42,19 @@ LLAVA_DEFAULT_VISION = dict(
     model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
 )
+# transformers' LlavaNextConfig / LlavaOnevisionConfig defaults for fields a config may omit
+MULTIMODAL_DEFAULTS = {
+    "llava": dict(text="llama", vision=LLAVA_DEFAULT_VISION, layer=-2, strategy="default"),
+    "llava_next": dict(
+        text="llama", vision=LLAVA_DEFAULT_VISION, layer=-2, strategy="default",
+        pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+    "llava_onevision": dict(
+        text="qwen2", layer=-1, strategy="full",
+        vision=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                    patch_size=14, image_size=384, num_hidden_layers=26, num_attention_heads=16,
+                    vision_use_head=False),
+        pinpoints=[[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]),
+}
 
 
 def with_defaults(d: dict, model_type: str) -> dict:
@@ -169,43 +184,71 @@ def clip_config_from_hf(d: dict, dtype: str = "float32", where: str = "config.js
 
 
 def config_from_hf(d: dict, dtype: str = "float32", where: str = "config.json"):
-    """config.json dict -> TextConfig (plain causal LM), LlavaConfig or ClipConfig."""
+    """config.json dict -> TextConfig (plain causal LM), LlavaConfig, LlavaNextConfig (NeXT /
+    OneVision) or ClipConfig."""
     model_type = d.get("model_type")
     if model_type == "clip":
         return clip_config_from_hf(d, dtype, where)
-    if model_type in ANYRES_TYPES or d.get("image_grid_pinpoints"):
+    if model_type in ANYRES_TYPES and model_type not in SUPPORTED_ANYRES:
         raise AnyresNotSupportedError(
-            f"{where}: model_type {model_type!r} uses anyres image tiling (image_grid_pinpoints), "
-            "which is not supported yet; only base-resolution LLaVA (model_type 'llava') is"
+            f"{where}: model_type {model_type!r} (anyres video tiling) is not supported; "
+            f"supported multimodal types: llava, {', '.join(SUPPORTED_ANYRES)}"
         )
     if model_type in TEXT_ARCH:
         return text_config_from_hf(d, dtype, where)
-    if model_type != "llava":
+    if model_type not in MULTIMODAL_DEFAULTS:
         raise CheckpointError(
             f"{where}: unsupported architecture model_type={model_type!r} "
-            f"(architectures={d.get('architectures')}); supported: llava, llama, qwen2"
+            f"(architectures={d.get('architectures')}); supported: "
+            f"{', '.join(MULTIMODAL_DEFAULTS)}, llama, qwen2"
         )
+    if model_type == "llava" and d.get("image_grid_pinpoints"):
+        raise AnyresNotSupportedError(
+            f"{where}: model_type 'llava' with image_grid_pinpoints (anyres tiling) is not a "
+            "transformers architecture; use model_type 'llava_next' or 'llava_onevision'"
+        )
+    return _multimodal_config_from_hf(d, model_type, dtype, where)
+
+
+def _multimodal_config_from_hf(d: dict, model_type: str, dtype: str, where: str) -> LlavaConfig:
+    """A llava / llava_next / llava_onevision config.json dict -> LlavaConfig / LlavaNextConfig."""
+    defaults = MULTIMODAL_DEFAULTS[model_type]
     text_d = dict(d.get("text_config") or {})
-    text_d.setdefault("model_type", "llama")
+    text_d.setdefault("model_type", defaults["text"])
     if d.get("tie_word_embeddings"):
         text_d["tie_word_embeddings"] = True
     token = d.get("image_token_index", d.get("image_token_id"))
     if token is None:
-        raise CheckpointError(f"{where}: llava config has no image_token_index / image_token_id")
-    layer = d.get("vision_feature_layer", -2)
-    return LlavaConfig(
+        raise CheckpointError(f"{where}: {model_type} config has no image_token_index / image_token_id")
+    layer = d.get("vision_feature_layer", defaults["layer"])
+    common = dict(
         text=text_config_from_hf(text_d, dtype, where + ":text_config"),
         vision=vision_config_from_hf(
-            d.get("vision_config") or LLAVA_DEFAULT_VISION, dtype, where + ":vision_config"
+            d.get("vision_config") or defaults["vision"], dtype, where + ":vision_config"
         ),
         image_token_id=int(token),
         projector_hidden_act=d.get("projector_hidden_act", "gelu"),
         projector_bias=bool(d.get("multimodal_projector_bias", True)),
         vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
-        vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+        vision_feature_select_strategy=d.get("vision_feature_select_strategy", defaults["strategy"]),
         dtype=dtype,
         param_dtype=dtype,
     )
+    if model_type == "llava":
+        return LlavaConfig(**common)
+    pinpoints = d.get("image_grid_pinpoints") or defaults["pinpoints"]
+    try:
+        return LlavaNextConfig(
+            **common,
+            model_type=model_type,
+            image_grid_pinpoints=tuple(tuple(p) for p in pinpoints),
+            vision_aspect_ratio=(d.get("vision_aspect_ratio", "anyres_max_9")
+                                 if model_type == "llava_onevision" else None),
+            video_token_id=(d.get("video_token_index", d.get("video_token_id"))
+                            if model_type == "llava_onevision" else None),
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- export
@@ -285,7 +328,7 @@ def config_to_hf(config) -> dict:
     if not isinstance(config, LlavaConfig):
         raise CheckpointError(f"cannot export a model with config type {type(config).__name__}")
     layer = config.vision_feature_layer
-    return {
+    out = {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "text_config": text_config_to_hf(config.text, with_arch=False),
@@ -299,3 +342,24 @@ def config_to_hf(config) -> dict:
         "tie_word_embeddings": config.text.tie_word_embeddings,
         "dtype": config.param_dtype,
     }
+    if isinstance(config, LlavaNextConfig):
+        out.update(anyres_config_to_hf(config))
+        if config.model_type == "llava_onevision":  # not a LlavaOnevisionConfig field
+            del out["image_seq_length"]
+    return out
+
+
+def anyres_config_to_hf(config: LlavaNextConfig) -> dict:
+    """The LLaVA-NeXT / OneVision fields of config.json (over the llava ones)."""
+    out: dict[str, Any] = {
+        "model_type": config.model_type,
+        "image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints],
+    }
+    if config.model_type == "llava_next":
+        out["architectures"] = ["LlavaNextForConditionalGeneration"]
+        return out
+    out["architectures"] = ["LlavaOnevisionForConditionalGeneration"]
+    out["vision_aspect_ratio"] = config.vision_aspect_ratio
+    if config.video_token_id is not None:
+        out["video_token_index"] = config.video_token_id
+    return out

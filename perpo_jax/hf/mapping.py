@@ -4,6 +4,7 @@ Keys are in the canonical layout transformers 5 writes on `save_pretrained`:
   plain LM:  `model.layers.N...`, `model.embed_tokens.weight`, `lm_head.weight`
   LLaVA:     `language_model.model.layers.N...`, `language_model.lm_head.weight`,
              `vision_tower.encoder...`, `multi_modal_projector.linear_{1,2}...`
+             (+ `image_newline` for LLaVA-NeXT / OneVision)
 Other LLaVA layouts are mapped onto this one by `canonical_key` on import.
 
 Transforms (`kind`), with HF torch layouts on the left:
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from perpo_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from perpo_jax.models.config import LlavaConfig, LlavaNextConfig, TextConfig, VisionConfig
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ def llava_entries(cfg: LlavaConfig) -> list[Entry]:
     e += vision_entries(cfg.vision)
     for name in ("linear_1", "linear_2"):
         e += _linear(("multi_modal_projector", name), f"multi_modal_projector.{name}", cfg.projector_bias)
+    if isinstance(cfg, LlavaNextConfig):  # NeXT / OneVision: one learned row separator [D]
+        e.append(Entry(("image_newline",), "image_newline", "copy"))
     return e
 
 
@@ -186,13 +189,15 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def canonical_key(key: str, is_llava: bool) -> str:
-    """Maps the three LLaVA layouts (v5 fresh save, hub/v4, in-memory `model.`) onto the v5 one."""
+    """Maps the three LLaVA layouts (v5 fresh save, hub/v4, in-memory `model.`) onto the v5 one
+    (LLaVA-NeXT / OneVision alike; their `image_newline` sits at the top level)."""
     if not is_llava:
         return key
     for old, new in (
         ("model.language_model.", "language_model.model."),
         ("model.vision_tower.", "vision_tower."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.image_newline", "image_newline"),
     ):
         if key.startswith(old):
             key = new + key[len(old):]

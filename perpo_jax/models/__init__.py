@@ -2,6 +2,7 @@
 
 from perpo_jax.models.config import (
     LlavaConfig,
+    LlavaNextConfig,
     RopeScaling,
     TextConfig,
     VisionConfig,
@@ -9,7 +10,7 @@ from perpo_jax.models.config import (
 )
 from perpo_jax.models.decoder import DecoderLM, GroupCache, PrefixKV, grouped_attention
 from perpo_jax.models.layers import Linear
-from perpo_jax.models.llava import LlavaModel, Projector, build_model
+from perpo_jax.models.llava import LlavaModel, LlavaNextModel, Projector, build_model
 from perpo_jax.models.vision import VisionTower
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "Linear",
     "LlavaConfig",
     "LlavaModel",
+    "LlavaNextConfig",
+    "LlavaNextModel",
     "PrefixKV",
     "Projector",
     "RopeScaling",

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from perpo_jax.models import anyres
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -187,6 +189,71 @@ class LlavaConfig:
 
     def replace(self, **kw) -> "LlavaConfig":
         return dataclasses.replace(self, **kw)
+
+
+ANYRES_TYPES = ("llava_next", "llava_onevision")
+
+
+@dataclass(frozen=True)
+class LlavaNextConfig(LlavaConfig):
+    """LLaVA with anyres tiling: LLaVA-NeXT (`model_type="llava_next"`, Llama/Mistral + CLIP)
+    or LLaVA-OneVision (`"llava_onevision"`, Qwen2 + SigLIP); see `models/anyres.py`.
+
+    image_grid_pinpoints: ((H, W), ...) candidate resolutions, multiples of the tile size
+    (the vision tower's image_size). vision_aspect_ratio: OneVision's "anyres_max_N" (grids
+    of more than ~N tiles' features are shrunk bilinearly); None for NeXT.
+    video_token_id: OneVision's video token, carried through export (videos are not modelled).
+    """
+
+    model_type: str = "llava_next"
+    image_grid_pinpoints: tuple = ()
+    vision_aspect_ratio: str | None = None
+    video_token_id: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.model_type not in ANYRES_TYPES:
+            raise ValueError(f"LlavaNextConfig.model_type must be one of {ANYRES_TYPES}, "
+                             f"got {self.model_type!r}")
+        pins = anyres.check_pinpoints(self.image_grid_pinpoints, self.vision.image_size)
+        object.__setattr__(self, "image_grid_pinpoints", pins)
+        if self.model_type == "llava_onevision":
+            if self.vision_aspect_ratio is None:
+                object.__setattr__(self, "vision_aspect_ratio", "anyres_max_9")
+            anyres.parse_max_tiles(self.vision_aspect_ratio)
+        if self.num_image_tokens != self.tile_patches ** 2:
+            raise ValueError(
+                f"anyres tiling needs {self.tile_patches ** 2} features per tile (one per patch) "
+                f"but a {self.vision.family} tower with vision_feature_select_strategy="
+                f"{self.vision_feature_select_strategy!r} gives {self.num_image_tokens}")
+
+    @property
+    def tile_patches(self) -> int:
+        """Patches along one side of a tile (pp): a tile gives pp*pp features."""
+        return self.vision.image_size // self.vision.patch_size
+
+    @property
+    def max_tiles_kept(self) -> int | None:
+        """OneVision's N of "anyres_max_N"; None for NeXT (no reduction)."""
+        if self.model_type != "llava_onevision":
+            return None
+        return anyres.parse_max_tiles(self.vision_aspect_ratio)
+
+    @property
+    def max_tiles(self) -> int:
+        """Static tile count of pixel_values [B, N, C, H, W]: base + the largest grid."""
+        return anyres.max_tiles(self.image_grid_pinpoints, self.vision.image_size)
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The most image tokens one image can expand to."""
+        return anyres.max_packed_length(self.image_grid_pinpoints, self.vision.image_size,
+                                 self.tile_patches)
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Image tokens of one original height x width image (host, exact)."""
+        return anyres.image_token_count(height, width, self.image_grid_pinpoints,
+                                 self.vision.image_size, self.tile_patches, self.max_tiles_kept)
 
 
 def tiny_llava_config(
