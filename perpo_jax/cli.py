@@ -237,7 +237,7 @@ def cmd_sample(args) -> int:
     batch = prompt_batch_for(examples, data.processor, length)
     out = sample(model, batch, num_samples=s.num_samples, max_new_tokens=s.max_new_tokens,
                  temperature=s.temperature, top_p=s.top_p, rng=jax.random.key(cfg.train.seed),
-                 eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, mesh=mesh)
+                 eos_id=data.processor.stop_ids, pad_id=tok.pad_token_id or 0, mesh=mesh)
     tokens = np.asarray(jax.device_get(out.tokens))  # [B, K, R]
     reward_fn = get_reward(data.task)
     lines = []

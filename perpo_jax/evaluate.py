@@ -83,8 +83,8 @@ def prompt_length(examples: list[Example], processor,
     """The longest prompt (image tokens included), rounded up to the prompt bucket and capped
     at `limit` (from `prompt_limit`); a prompt longer than the limit is a PromptTooLongError
     naming the example and the key to raise (prompts are never truncated)."""
-    h, w = processor.pixel_values([examples[0].image]).shape[-2:]
-    lengths = [len(processor.encode_prompt(e.question, h, w)) for e in examples]
+    sizes = processor.prompt_sizes([e.image for e in examples])
+    lengths = [len(processor.encode_prompt(e.question, h, w)) for e, (h, w) in zip(examples, sizes)]
     longest = max(lengths)
     if limit is None:
         return bucketed(longest)
@@ -111,7 +111,7 @@ def greedy_texts(model, examples: list[Example], processor, *, batch_size: int,
             padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
             out = sample(model, prompt_batch_for(padded, processor, length), num_samples=1,
                          max_new_tokens=max_new_tokens, temperature=0.0, rng=None,
-                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, mesh=mesh)
+                         eos_id=processor.stop_ids, pad_id=tok.pad_token_id or 0, mesh=mesh)
             tokens = np.asarray(jax.device_get(out.tokens))[: len(chunk), 0]  # [b, R]
             texts.extend(processor.decode_response(t) for t in tokens)
             bar.update(len(chunk))
@@ -129,8 +129,10 @@ def task_metrics(task: str, texts: list[str], examples: list[Example]) -> tuple[
         gt = np.stack([e.box for e in examples]).astype(np.float32)
         return metrics_lib.grounding_metrics(texts, gt), gt
     gt = [e.answer for e in examples]
-    if task == "ocr":
-        return metrics_lib.ocr_metrics(texts, gt), gt
+    if task == "ocr":  # the dense-OCR table's word-level metrics, character-level extras
+        table = metrics_lib.ocr_benchmark_metrics(texts, gt)
+        chars = metrics_lib.ocr_metrics(texts, gt)
+        return {**table, "ned": chars["ned"], "edit_similarity": chars["edit_similarity"]}, gt
     rewards = np.asarray(REWARDS[task](texts, gt), np.float64)
     return {"mean_reward": float(rewards.mean()), "count": len(texts)}, gt
 

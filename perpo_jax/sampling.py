@@ -38,6 +38,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from perpo_jax.mesh import logical_sharding
+from perpo_jax.scoring import IMAGE_KEYS, embed_prompts
 
 
 @struct.dataclass
@@ -65,7 +66,7 @@ class SamplerSpec:
     eos_ids: tuple[int, ...]
     pad_id: int
     mesh: Mesh | None
-    has_pixels: bool
+    has_pixels: bool  # any image inputs (a separate program from text-only prompts)
     suppress_ids: tuple[int, ...] = ()
 
 
@@ -165,11 +166,11 @@ def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return done
 
 
-def _prefill_first_token(model, spec, prompt_ids, prompt_mask, pixel_values, keys, temperature, top_p):
+def _prefill_first_token(model, spec, prompt_ids, prompt_mask, images, keys, temperature, top_p):
     """Prefill once → (PrefixKV, prompt_len [B] int32, first tokens [B, K] int32)."""
     b, p = prompt_ids.shape
     mask = prompt_mask.astype(bool)
-    embeds = model.embed(prompt_ids, pixel_values) if spec.has_pixels else model.embed(prompt_ids)
+    embeds = embed_prompts(model, prompt_ids, images)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
     hidden, prefix = model.prefill(embeds, mask, positions)
     prefix = _constrain_kv(prefix, _PREFIX_AXES, _PREFIX_MASK_AXES, spec.mesh)
@@ -182,13 +183,13 @@ def _prefill_first_token(model, spec, prompt_ids, prompt_mask, pixel_values, key
     return prefix, prompt_len, first
 
 
-def _generate(graphdef, spec: SamplerSpec, state, prompt_ids, prompt_mask, pixel_values, keys,
+def _generate(graphdef, spec: SamplerSpec, state, prompt_ids, prompt_mask, images, keys,
               temperature, top_p) -> SampleResult:
     """The traced program: prefill, then the decode loop. Shapes as in `sample`."""
     model = nnx.merge(graphdef, state)
     b, k, r = prompt_ids.shape[0], spec.num_samples, spec.max_new_tokens
     prefix, prompt_len, first = _prefill_first_token(
-        model, spec, prompt_ids, prompt_mask, pixel_values, keys, temperature, top_p
+        model, spec, prompt_ids, prompt_mask, images, keys, temperature, top_p
     )
     tokens = jnp.full((b, k, r), spec.pad_id, jnp.int32).at[:, :, 0].set(first)
     cache = _constrain_kv(model.init_cache(b, k, r), _CACHE_AXES, _CACHE_MASK_AXES, spec.mesh)
@@ -274,7 +275,8 @@ def sample(
       model: an NNX model with the `perpo_jax.models` interface (`DecoderLM`, `LlavaModel`),
         or a `(graphdef, state)` pair from `nnx.split(model)`.
       prompts_batch: `prompt_ids` [B, P] int32 right-padded, `prompt_mask` [B, P] bool,
-        optional `pixel_values` [B, C, H, W] f32 (NCHW, as HF image processors output).
+        optional `pixel_values` [B, C, H, W] f32 (NCHW, as HF image processors output; anyres:
+        [B, N, C, H, W] with `image_sizes` [B, 2] int32).
       num_samples: K samples per prompt.
       max_new_tokens: R, the response length (EOS included).
       temperature: 0 → greedy (argmax); else logits / temperature before the nucleus filter.
@@ -302,14 +304,15 @@ def sample(
     if float(temperature) < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     eos_ids = () if eos_id is None else tuple(int(e) for e in np.atleast_1d(eos_id))
-    pixel_values = prompts_batch.get("pixel_values")
+    images = {k: prompts_batch[k] for k in IMAGE_KEYS if prompts_batch.get(k) is not None}
     spec = SamplerSpec(num_samples, max_new_tokens, greedy, eos_ids, int(pad_id), mesh,
-                       pixel_values is not None, tuple(int(i) for i in suppress_ids))
-    batch = (prompts_batch["prompt_ids"], prompts_batch["prompt_mask"], pixel_values)
-    prompt_ids, prompt_mask, pixel_values = _place_batch(batch, mesh)
+                       bool(images), tuple(int(i) for i in suppress_ids))
+    prompt_ids, prompt_mask, *placed = _place_batch(
+        (prompts_batch["prompt_ids"], prompts_batch["prompt_mask"], *images.values()), mesh)
+    images = dict(zip(images, placed))
     keys = _stream_keys(rng, prompt_ids.shape[0], num_samples)
     fn = compiled_sampler(graphdef, spec)
-    return fn(state, prompt_ids.astype(jnp.int32), prompt_mask.astype(bool), pixel_values, keys,
+    return fn(state, prompt_ids.astype(jnp.int32), prompt_mask.astype(bool), images, keys,
               jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p))
 
 

@@ -2,7 +2,8 @@
 
 A list batch (docs/internals.md) holds per list b:
 `prompt_ids [B, P]` int32 / `prompt_mask [B, P]` bool (right-padded, image tokens expanded),
-optional `pixel_values [B, C, H, W]`, and candidates `response_ids [B, K, R]` int32 /
+optional `pixel_values [B, C, H, W]` (anyres: `[B, N, C, H, W]` + `image_sizes [B, 2]`, so
+prompts differ in length), and candidates `response_ids [B, K, R]` int32 /
 `response_mask [B, K, R]` bool (right-padded). Candidate k of list b is the text that follows
 the L_b = sum(prompt_mask[b]) real prompt tokens: its token r sits at position L_b + r and is
 predicted by the hidden state at position L_b + r - 1 (token 0 by the last REAL prompt token).
@@ -78,12 +79,30 @@ def _check_batch(batch: Batch) -> None:
         )
 
 
+# A batch's image inputs, as `processor.image_inputs` makes them (image_sizes: anyres only).
+IMAGE_KEYS = ("pixel_values", "image_sizes")
+
+
+def embed_prompts(model, ids_bt, images: dict, repeat: int = 1) -> jax.Array:
+    """model.embed of ids [B·repeat, T] with the images of `images` ("pixel_values"
+    [B, C, H, W] or anyres [B, N, C, H, W] + "image_sizes" [B, 2]; none: text only), each
+    image repeated `repeat` times in a row (list-major, like naive scoring's copies)."""
+    pixels = images.get("pixel_values")
+    if pixels is None:
+        return model.embed(ids_bt)
+    sizes = images.get("image_sizes")
+    if repeat > 1:
+        pixels = jnp.repeat(pixels, repeat, axis=0)
+        sizes = None if sizes is None else jnp.repeat(sizes, repeat, axis=0)
+    return model.embed(ids_bt, pixels, sizes)
+
+
 def _shared_prefix_token_logps(model, batch: Batch) -> jax.Array:
     """Prefix-shared path: prompt once per list, K candidates as groups of one `extend`."""
     prompt_mask = batch["prompt_mask"].astype(bool)
     response_ids = batch["response_ids"]
     b, k, r = response_ids.shape
-    embeds = model.embed(batch["prompt_ids"], batch.get("pixel_values"))
+    embeds = embed_prompts(model, batch["prompt_ids"], batch)
     hidden, prefix = model.prefill(embeds, prompt_mask)
     plen = prompt_lengths(prompt_mask)
 
@@ -137,10 +156,7 @@ def _naive_token_logps(model, batch: Batch) -> jax.Array:
     b, k, r = response_ids.shape
     ids, mask = naive_sequences(batch)
     t = ids.shape[-1]
-    pixels = batch.get("pixel_values")
-    if pixels is not None:
-        pixels = jnp.repeat(pixels, k, axis=0)  # [B*K, C, H, W], list-major like ids
-    embeds = model.embed(ids.reshape(b * k, t), pixels)
+    embeds = embed_prompts(model, ids.reshape(b * k, t), batch, repeat=k)
     hidden, _ = model.prefill(embeds, mask.reshape(b * k, t))  # [B*K, T, D], positions 0..T-1
     plen = prompt_lengths(batch["prompt_mask"])
     # Response token r of candidate (b, k) is predicted at position L_b - 1 + r: only those R

@@ -88,12 +88,13 @@ def pad_responses(responses: Sequence[Sequence[Sequence[int]]], length: int | No
 
 def prompt_batch(processor, images: Sequence, questions: Sequence[str], length: int | None,
                  names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """{"pixel_values" [B, C, H, W] f32, "prompt_ids" [B, P] i32, "prompt_mask" [B, P] bool}.
+    """{"pixel_values" [B, C, H, W] f32 (anyres: [B, N, C, H, W] + "image_sizes" [B, 2] i32),
+    "prompt_ids" [B, P] i32, "prompt_mask" [B, P] bool}: each prompt's image tokens are as
+    many as its own image gives (anyres prompts differ in length), right-padded to P.
 
     `processor` is a `LlavaPromptProcessor`; `names` label examples in length errors.
     """
-    pixels = processor.pixel_values(list(images))
-    h, w = pixels.shape[-2:]
-    prompts = [processor.encode_prompt(q, h, w) for q in questions]
+    inputs = processor.image_inputs(list(images))
+    prompts = processor.encode_prompts(list(questions), inputs)
     ids, mask = pad_prompts(prompts, length, processor.tokenizer.pad_token_id, names)
-    return {"pixel_values": pixels, "prompt_ids": ids, "prompt_mask": mask}
+    return {**inputs, "prompt_ids": ids, "prompt_mask": mask}

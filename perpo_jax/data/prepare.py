@@ -112,8 +112,9 @@ def record_example(record: dict) -> Example:
 
 
 def prompt_batch_for(examples: list[Example], processor, max_length: int | None) -> dict:
-    """The sampler's prompts batch: prompt_ids [B, P] int32, prompt_mask [B, P] bool,
-    pixel_values [B, C, H, W] f32. P = `max_length` (None: the longest prompt)."""
+    """The sampler's prompts batch (`batching.prompt_batch`): prompt_ids [B, P] int32,
+    prompt_mask [B, P] bool, pixel_values [B, C, H, W] f32 (anyres: [B, N, C, H, W] and
+    image_sizes [B, 2]). P = `max_length` (None: the longest prompt)."""
     if not examples:
         raise ValueError("prompt_batch_for needs at least one example")
     return prompt_batch(processor, [e.image for e in examples], [e.question for e in examples],

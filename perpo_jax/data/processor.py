@@ -51,6 +51,7 @@ from PIL import Image
 from transformers import AutoTokenizer, LlavaProcessor
 
 from perpo_jax.atomic import atomic_dir
+from perpo_jax.data.chat_templates import QWEN_1_5_RESPONSE_END, qwen_1_5_prompt
 from perpo_jax.data.image_processing import (ANYRES, ASPECT_RATIOS, anyres_max_tiles,
                                              load_image_processor, to_rgb_image,
                                              with_aspect_ratio)
@@ -60,7 +61,7 @@ from perpo_jax.models import LlavaConfig, LlavaNextConfig, anyres
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's "
                    "questions.")
-TEMPLATES = ("auto", "chat_template", "llava_v1")
+TEMPLATES = ("auto", "chat_template", "llava_v1", "qwen_1_5")
 _CONFIG_NAME = "perpo_processor.json"
 _ANSWER_MARK = "<<perpo-answer>>"
 
@@ -88,7 +89,8 @@ class LlavaPromptProcessor:
       patch_size: the vision tower's patch size (pixels).
       vision_feature_select_strategy: "default" (drop CLS) or "full".
       num_additional_image_tokens: extra vision features besides patches (CLIP CLS: 1).
-      template: "llava_v1", "chat_template", or "auto" (chat_template when there is one).
+      template: "llava_v1", "chat_template", "qwen_1_5" (LLaVA-NeXT's ChatML conversation,
+        responses ending in <|im_end|>), or "auto" (chat_template when there is one).
       chat_template: the Jinja chat template; defaults to the tokenizer's.
       image_aspect_ratio: "checkpoint" (use `image_processor` as is), "pad" or "crop"
         (see `image_processing.with_aspect_ratio`); anyres processors take "checkpoint" only.
@@ -146,7 +148,27 @@ class LlavaPromptProcessor:
             vision_feature_select_strategy=vision_feature_select_strategy,
             num_additional_image_tokens=num_additional_image_tokens,
             chat_template=self.chat_template, image_token=image_token)
-        self.answer_prefix = " " if self._chat is None else self._chat_answer_prefix()
+        if template == "qwen_1_5":  # the prompt ends with "assistant\n": the answer follows
+            self.answer_prefix = ""
+        else:
+            self.answer_prefix = " " if self._chat is None else self._chat_answer_prefix()
+        self.stop_token_id = self._stop_token_id()
+
+    def _stop_token_id(self) -> int:
+        """The token that ends a response: <|im_end|> for qwen_1_5 (a base Qwen2 tokenizer's
+        EOS is <|endoftext|>, which the official run never trains on), else EOS."""
+        if self.template != "qwen_1_5":
+            return int(self.tokenizer.eos_token_id)
+        end = self.tokenizer.convert_tokens_to_ids(QWEN_1_5_RESPONSE_END)
+        if end is None or end == self.tokenizer.unk_token_id:
+            raise ValueError(f"template='qwen_1_5' needs {QWEN_1_5_RESPONSE_END!r} in the "
+                             "tokenizer's vocabulary (a Qwen2 tokenizer)")
+        return int(end)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Token ids that end generation: the response end, and EOS when different."""
+        return tuple(dict.fromkeys((self.stop_token_id, int(self.tokenizer.eos_token_id))))
 
     # ------------------------------------------------------------------ pieces
 
@@ -218,6 +240,17 @@ class LlavaPromptProcessor:
         return {"pixel_values": padded,
                 "image_sizes": np.asarray(out["image_sizes"], dtype=np.int32).reshape(-1, 2)}
 
+    def prompt_sizes(self, images: list[Any]) -> list[tuple[int, int]]:
+        """(height, width) per image as `encode_prompt` takes it, without processing every
+        image: anyres, the original size; plain LLaVA, the processed size (the same for all
+        images, so one image is processed)."""
+        if not images:
+            return []
+        if self.is_anyres:
+            return [to_rgb_image(image).size[::-1] for image in images]
+        h, w = self.pixel_values(images[:1]).shape[-2:]
+        return [(int(h), int(w))] * len(images)
+
     def encode_prompts(self, questions: list[str], image_inputs: dict[str, np.ndarray]
                        ) -> list[np.ndarray]:
         """[P_i] int32 prompt ids per question, `<image>` expanded to what the model makes of
@@ -233,6 +266,8 @@ class LlavaPromptProcessor:
 
     def prompt_text(self, question: str) -> str:
         """The template's prompt for `question`, with one unexpanded image token."""
+        if self.template == "qwen_1_5":
+            return qwen_1_5_prompt(question, self.image_token)
         if self._chat is None:
             return llava_v1_prompt(question, self.image_token)
         return self._chat.apply_chat_template(_user_turn(question), add_generation_prompt=True)
@@ -245,21 +280,25 @@ class LlavaPromptProcessor:
         text = text.replace(self.image_token, expanded)
         # A template that writes the BOS text itself must not get a second one (transformers'
         # apply_chat_template(tokenize=True) rule); llava_v1 never does.
+        # qwen_1_5 is the whole conversation as LLaVA-NeXT tokenises it: no BOS, ever.
         bos = self.tokenizer.bos_token
-        add_bos = not (bos and text.startswith(bos))
+        add_bos = self.template != "qwen_1_5" and not (bos and text.startswith(bos))
         return np.asarray(self.tokenizer(text, add_special_tokens=add_bos)["input_ids"],
                           dtype=np.int32)
 
     def encode_response(self, answer: str) -> np.ndarray:
-        """[R] int32: tokens of `answer_prefix + answer` followed by EOS."""
+        """[R] int32: tokens of `answer_prefix + answer` followed by the stop token (EOS;
+        <|im_end|> for qwen_1_5)."""
         ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
-        return np.asarray(list(ids) + [self.tokenizer.eos_token_id], dtype=np.int32)
+        return np.asarray(list(ids) + [self.stop_token_id], dtype=np.int32)
 
     def decode_response(self, ids) -> str:
-        """Text of generated ids, up to the first EOS, special tokens and outer spaces removed."""
+        """Text of generated ids, up to the first stop token (`stop_ids`), special tokens and
+        outer spaces removed."""
         ids = [int(i) for i in ids]
-        if self.tokenizer.eos_token_id in ids:
-            ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+        stops = [ids.index(s) for s in self.stop_ids if s in ids]
+        if stops:
+            ids = ids[: min(stops)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def __call__(self, image, question: str, answer: str | None = None) -> dict[str, np.ndarray]:

@@ -3,6 +3,7 @@
 A `ListSet` holds L lists, already filtered, sorted and padded to K candidates:
 
     pixel_values  [L, C, H, W] f32     prompt_ids   [L, P] i32   prompt_mask   [L, P] bool
+      (anyres: [L, N, C, H, W] and image_sizes [L, 2] i32)
     response_ids  [L, K, R]    i32     response_mask[L, K, R] bool
     rewards       [L, K]       f32     list_mask    [L, K] bool
     target_ids    [L, R]       i32     target_mask  [L, R] bool   (ground truth, for SFT)
@@ -92,15 +93,14 @@ class ListSet:
 
 
 def _prompt_arrays(processor, examples, max_prompt: int) -> dict[str, np.ndarray]:
-    pixels = processor.pixel_values([ex.image for ex in examples])
-    h, w = pixels.shape[-2:]
-    prompts = [processor.encode_prompt(ex.question, h, w) for ex in examples]
+    inputs = processor.image_inputs([ex.image for ex in examples])
+    prompts = processor.encode_prompts([ex.question for ex in examples], inputs)
     # A prompt longer than max_prompt makes pad_prompts raise, naming the example: image
     # tokens are never truncated.
     length = min(bucketed(max(len(p) for p in prompts)), max_prompt)
     names = [f"example {i} ({ex.question[:40]!r})" for i, ex in enumerate(examples)]
     ids, mask = pad_prompts(prompts, length, processor.tokenizer.pad_token_id, names)
-    return {"pixel_values": pixels, "prompt_ids": ids, "prompt_mask": mask}
+    return {**inputs, "prompt_ids": ids, "prompt_mask": mask}
 
 
 def _targets(processor, examples, max_response: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -231,13 +231,13 @@ class _Trainer:
             lists = rounds.offline_round_lists(cfg, proc, examples)
         # a host whose share of an exact pass ran out has no example this round
         image = examples[0].image if examples else np.zeros((8, 8, 3), np.uint8)
-        pixel_shape = proc.pixel_values([image]).shape[1:]
-        lists, self.most_lists = rounds.align_across_hosts(lists, cfg, proc, pixel_shape)
+        image_rows = {k: (v.shape[1:], v.dtype.str) for k, v in proc.image_inputs([image]).items()}
+        lists, self.most_lists = rounds.align_across_hosts(lists, cfg, proc, image_rows)
         if rounds.uses_pairs(cfg):  # M3PO & baselines: each list cut to its selected pair
             lists = m3po.select_round_pairs(lists, self.policy_fn, self.state, self.frozen,
                                             self.mesh, self.plan.local_lists, self.most_lists,
                                             cfg.m3po, cfg.train.seed, round_index)
-            lists, self.most_lists = rounds.align_across_hosts(lists, cfg, proc, pixel_shape,
+            lists, self.most_lists = rounds.align_across_hosts(lists, cfg, proc, image_rows,
                                                                num_candidates=2)
         if self.most_lists and self.ref_fn is not None:
             rounds.add_ref_logps(lists, self.ref_fn, self.state, self.frozen, self.reference,

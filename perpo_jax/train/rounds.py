@@ -81,7 +81,7 @@ def sample_round_lists(cfg: Config, processor, model, mesh, examples, round_inde
     out = sample(model, to_global(prompts, mesh) if jax.process_count() > 1 else prompts,
                  num_samples=k, max_new_tokens=cfg.sampling.max_new_tokens,
                  temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, rng=rng,
-                 eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, mesh=mesh,
+                 eos_id=processor.stop_ids, pad_id=tok.pad_token_id or 0, mesh=mesh,
                  suppress_ids=(processor.image_token_id,))
     tokens, lengths = local_rows(out.tokens), local_rows(out.lengths)
     seconds = time.perf_counter() - t0
@@ -135,11 +135,12 @@ def ground_truth_lists(cfg: Config, processor, examples) -> ListSet:
         max_response=cfg.train.max_response_length)
 
 
-def align_across_hosts(lists: ListSet, cfg: Config, processor, pixel_shape,
+def align_across_hosts(lists: ListSet, cfg: Config, processor, image_rows: dict,
                        num_candidates: int | None = None) -> tuple[ListSet, int]:
     """Makes every host's ListSet the same width and returns (lists, the most lists any host
     kept). A host that kept none gets an empty ListSet of the right row shapes (K =
-    `num_candidates`, default: what the config's lists hold)."""
+    `num_candidates`, default: what the config's lists hold; image arrays as `image_rows`
+    {name: (row shape, dtype str)} of `processor.image_inputs`)."""
     width = lists.arrays["prompt_ids"].shape[1] if len(lists) else 0
     sync = global_max({"lists": len(lists), "width": width})
     if sync["lists"] == 0:
@@ -148,7 +149,7 @@ def align_across_hosts(lists: ListSet, cfg: Config, processor, pixel_shape,
         k = num_candidates or (1 if uses_ground_truth(cfg) else cfg.train.num_candidates)
         r = response_length(cfg)
         lists = ListSet.empty({
-            "pixel_values": (tuple(pixel_shape), "<f4"), "prompt_ids": ((sync["width"],), "<i4"),
+            **image_rows, "prompt_ids": ((sync["width"],), "<i4"),
             "prompt_mask": ((sync["width"],), "|b1"), "response_ids": ((k, r), "<i4"),
             "response_mask": ((k, r), "|b1"), "rewards": ((k,), "<f4"), "list_mask": ((k,), "|b1"),
             "target_ids": ((r,), "<i4"), "target_mask": ((r,), "|b1"), "source": ((), "<i4"),
