@@ -273,6 +273,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_pope(args) -> int:
+    from perpo_jax.data.pope import run_pope
+    from perpo_jax.metrics import write_report
+
+    cfg = _load(args)
+    if args.checkpoint is not None:
+        _check_checkpoint(args.checkpoint)
+    report = run_pope(cfg, args.checkpoint, args.pope_dir, args.image_dir, limit=args.limit,
+                      parser=args.parser)
+    if args.out:
+        write_report(args.out, report)
+    print(json.dumps({"splits": report["splits"], "mean_f1": report["mean_f1"]}, indent=2))
+    return 0
+
+
 def _saved_config(checkpoint: str) -> dict:
     """The config saved with a training checkpoint (root or one step dir); {} for a converted
     params checkpoint or when none was saved."""
@@ -480,6 +495,26 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _add_pope(sub) -> None:
+    p = sub.add_parser("pope", help="POPE object-hallucination eval (per split + mean F1)",
+                       description="Greedy yes/no answers to the official POPE question files "
+                       "(coco_pope_{random,popular,adversarial}.json) over COCO val2014 images; "
+                       "prints per-split accuracy / precision / recall / F1 / yes ratio and "
+                       "the mean F1 over the splits, as LLaVA-1.5 reports POPE.")
+    _common(p)
+    p.add_argument("--checkpoint", metavar="DIR", help=_CHECKPOINT_HELP)
+    p.add_argument("--pope-dir", required=True, metavar="DIR",
+                   help="holds coco_pope_{random,popular,adversarial}.json")
+    p.add_argument("--image-dir", required=True, metavar="DIR", help="COCO val2014 images")
+    p.add_argument("--limit", type=int, default=0, help="first N questions per split (0: all)")
+    p.add_argument("--parser", choices=("pope", "exact"), default="pope",
+                   help="pope: the official rule (a 'no'/'not' word means no); exact: "
+                   "lmms-eval's (the answer must be exactly yes or no)")
+    p.add_argument("--out", metavar="FILE", default=None,
+                   help="report JSON (metrics and every answer)")
+    p.set_defaults(func=cmd_pope)
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="HF <-> orbax params checkpoints",
                        description="--from-hf: a transformers model dir -> an orbax params "
@@ -562,8 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perpo-jax", description=(
         "PerPO (discriminative rewarding + listwise preference optimisation) for LLaVA in JAX."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prepare_data, _add_sample, _add_eval, _add_convert, _add_export,
-                _add_train, _add_plan, _add_demo):
+    for add in (_add_prepare_data, _add_sample, _add_eval, _add_pope, _add_convert,
+                _add_export, _add_train, _add_plan, _add_demo):
         add(sub)
     return parser
 

@@ -135,10 +135,11 @@ def test_shapes_pope_builder(tmp_path):
 
 
 def test_pope_entry_point_scores_every_split(shared, tmp_path):
-    """`python -m perpo_jax.data.pope`: a (tiny, random) model answers the three official-
-    format question files; per-split metrics, mean F1 and a report file."""
+    """`perpo-jax pope`: a (tiny, random) model answers the three official-format question
+    files; per-split metrics, mean F1 and a report file."""
     from tiny_run import TINY_MODEL
 
+    from perpo_jax import cli
     from perpo_jax.data import pope
 
     _, data = shared
@@ -149,14 +150,16 @@ def test_pope_entry_point_scores_every_split(shared, tmp_path):
                 for i, (obj, lab) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "no")])]
         (tmp_path / f"coco_pope_{split}.json").write_text(
             "\n".join(json.dumps(r) for r in rows) + "\n")
-    report = pope.main([
-        "--pope-dir", str(tmp_path), "--image-dir", str(tmp_path), "--limit", "2",
+    assert cli.main([
+        "pope", "--pope-dir", str(tmp_path), "--image-dir", str(tmp_path), "--limit", "2",
         "--out", str(tmp_path / "pope.json"), f"data.data_dir={data.data_dir}",
         "data.task=test_digits", "data.num_train=32", "data.num_val=8", "data.image_size=32",
         TINY_MODEL,
-        "train.max_length=192", "eval.batch_size=2", "eval.max_new_tokens=3"])
+        "train.max_length=192", "eval.batch_size=2", "eval.max_new_tokens=3"]) == 0
+    report = json.loads((tmp_path / "pope.json").read_text())
     assert set(report["splits"]) == set(pope.POPE_SPLITS)
     assert all(m["count"] == 2 for m in report["splits"].values())
     assert 0.0 <= report["mean_f1"] <= 1.0
-    saved = json.loads((tmp_path / "pope.json").read_text())
-    assert saved["mean_f1"] == pytest.approx(report["mean_f1"])
+    assert report["mean_f1"] == pytest.approx(
+        sum(m["f1"] for m in report["splits"].values()) / 3)
+    assert all(len(a) == 2 for a in report["answers"].values())

@@ -116,38 +116,18 @@ def pope_files(pope_dir: str, splits: Sequence[str] = POPE_SPLITS) -> dict[str, 
     return out
 
 
-def main(argv=None) -> dict:
-    """`python -m perpo_jax.data.pope --config C [--checkpoint DIR] --pope-dir D --image-dir I
-    [--limit N] [--parser pope|exact] [--out report.json] [section.key=value ...]`: a model
-    (the config's `model.hf_path`, or a training / converted checkpoint) answers the POPE
-    questions of every split; prints and writes the per-split metrics and the mean F1."""
-    import argparse
-
-    from perpo_jax.config import load_config
-    from perpo_jax.metrics import write_report
-
-    p = argparse.ArgumentParser(prog="python -m perpo_jax.data.pope", description=main.__doc__)
-    p.add_argument("--config", default=None)
-    p.add_argument("--checkpoint", default=None, help="training or converted checkpoint dir")
-    p.add_argument("--pope-dir", required=True, help="holds coco_pope_{random,popular,adversarial}.json")
-    p.add_argument("--image-dir", required=True, help="COCO val2014 images")
-    p.add_argument("--limit", type=int, default=0, help="first N questions per split (0: all)")
-    p.add_argument("--parser", choices=("pope", "exact"), default="pope")
-    p.add_argument("--out", default=None, help="report JSON (answers included)")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    model, processor, mesh = _model_for(cfg, args.checkpoint)
+def run_pope(cfg, checkpoint: str | None, pope_dir: str, image_dir: str, *, limit: int = 0,
+             parser: str = "pope", progress: bool = True) -> dict:
+    """`perpo-jax pope`: the model of `cfg` (its `model.hf_path`, or a training / converted
+    `checkpoint`) answers the first `limit` (0: all) questions of every official split file
+    in `pope_dir` over the images of `image_dir`; `evaluate_pope`'s report."""
+    model, processor, mesh = _model_for(cfg, checkpoint)
     examples = {}
-    for split, path in pope_files(args.pope_dir).items():
+    for split, path in pope_files(pope_dir).items():
         questions = read_pope_questions(path)
-        examples[split] = pope_examples(questions[:args.limit or None], args.image_dir)
-    report = evaluate_pope(model, processor, examples, cfg, mesh=mesh, parser=args.parser,
-                           progress=True)
-    if args.out:
-        write_report(args.out, report)
-    print(json.dumps({"splits": report["splits"], "mean_f1": report["mean_f1"]}, indent=2))
-    return report
+        examples[split] = pope_examples(questions[:limit or None], image_dir)
+    return evaluate_pope(model, processor, examples, cfg, mesh=mesh, parser=parser,
+                         progress=progress)
 
 
 def _model_for(cfg, checkpoint: str | None):
@@ -166,6 +146,3 @@ def _model_for(cfg, checkpoint: str | None):
 
     return model_from_checkpoint(cfg, checkpoint, mesh, processor), processor, mesh
 
-
-if __name__ == "__main__":
-    main()
