@@ -1,6 +1,7 @@
 """M3PO: M3P-Score pair selection on hand-built pools, the baselines, confidence against
 transformers, and a miniature M3PO run through the real loop."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -99,6 +100,25 @@ def test_pair_arrays_cut_lists_to_two_candidates():
     assert out["response_ids"].tolist() == [[[0, 1], [2, 3]]]
     assert out["rewards"].tolist() == [[pytest.approx(0.9), pytest.approx(0.1)]]
     assert out["prompt_ids"].tolist() == [[7]] and out["list_mask"].all()
+
+
+def test_sft_on_the_preferred_response_trains_on_the_chosen_candidate():
+    """The "SFT on the preferred response" baseline (m3po.pairs=m3p, loss.name=sft,
+    loss.sft_target=best): its target is the M3P-chosen candidate, whatever its index in the
+    pool and even when the rejected one is the model's favourite."""
+    from perpo_jax.train.step import sft_targets
+
+    mas = np.array([[0.2, 0.95, 0.1], [0.6, 0.1, 0.7]])
+    mean_logp = np.log(np.array([[0.9, 0.2, 0.99], [0.5, 0.95, 0.1]]))
+    chosen, rejected, valid = m3p_select(mas, mean_logp, np.ones((2, 3), bool))
+    assert chosen.tolist() == [1, 2] and valid.all()
+    arrays = {"response_ids": np.arange(2 * 3 * 2).reshape(2, 3, 2),
+              "response_mask": np.ones((2, 3, 2), bool), "rewards": mas.astype(np.float32),
+              "list_mask": np.ones((2, 3), bool)}
+    pairs = pair_arrays(arrays, chosen, rejected, valid, mas)
+    ids, mask = sft_targets({k: jnp.asarray(v) for k, v in pairs.items()}, "best")
+    np.testing.assert_array_equal(np.asarray(ids)[:, 0], arrays["response_ids"][[0, 1], chosen])
+    assert np.asarray(mask).all()
 
 
 def test_confidence_is_exp_mean_logprob_of_transformers_logits():
