@@ -176,5 +176,13 @@ def test_online_run_on_two_processes_equals_one(tmp_path):
     assert step_one == step_two == 4 and one.keys() == two_params.keys()
     for name in one:
         np.testing.assert_allclose(two_params[name], one[name], atol=1e-5, err_msg=name)
-    assert (tmp_path / "two" / "metrics.jsonl").exists()  # written by process 0 only
+    def round_rows(run):  # the rounds' statistics process 0 logged (all hosts' together)
+        rows = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+        return [{k: v for k, v in row.items() if k not in ("samples_per_s", "time")}
+                for row in rows if "lists_kept" in row]
+
+    last_two, last_one = round_rows("two")[-1], round_rows("one")[-1]
+    assert last_two.keys() == last_one.keys() and last_one["prompts"] == 8
+    assert last_two == {k: v if isinstance(v, str) else pytest.approx(v, rel=1e-6)
+                        for k, v in last_one.items()}
     assert sorted(p.name for p in (tmp_path / "two" / "lists").iterdir()) == ["host000", "host001"]

@@ -95,7 +95,7 @@ def test_round_without_lists_still_advances_the_schedule(shared, tmp_path, capsy
                    "data.min_margin=0.01", "optim.schedule=linear")
     result = train(cfg, data=data, progress=False)
     said = capsys.readouterr().out  # each round says what it kept and why the rest was dropped
-    assert ("[round 0] 0/8 lists kept on host 0 (8 with best - worst reward below "
+    assert ("[round 0] 0/8 lists kept (8 with best - worst reward below "
             "data.min_margin=0.01): its 2 updates are skipped") in said
     assert result.rounds[0]["lists_kept"] == 0 and result.rounds[1]["lists_kept"] > 0
     assert result.steps == 4 and [h["step"] for h in result.history] == [3, 4]

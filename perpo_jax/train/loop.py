@@ -408,7 +408,7 @@ class _Run:
         kept, prompts = int(stats.get("lists_kept", 0)), int(stats.get("prompts", 0))
         drops = rounds.describe_drops(stats, self.cfg.data.min_margin)
         note = "" if kept else f": its {self.trainer.plan.round_steps[r]} updates are skipped"
-        _say(self.bar, f"[round {r}] {kept}/{prompts} lists kept on host 0 ({drops}){note}")
+        _say(self.bar, f"[round {r}] {kept}/{prompts} lists kept ({drops}){note}")
 
     def round(self, r: int, position: dict, guard) -> dict:
         """Runs round r from `position` (maybe mid-round); returns the position after it."""
@@ -435,9 +435,10 @@ class _Run:
         else:
             lists = trainer.round_lists(examples, r)
             lists.save(path)
-            self.rounds.append({"round": r, **lists.stats})
-            self.log.write(lists.stats, step=int(trainer.state.step), kind="round")
-            self._report_round(r, lists.stats)
+            stats = rounds.stats_across_hosts(lists.stats)
+            self.rounds.append({"round": r, **stats})
+            self.log.write(stats, step=int(trainer.state.step), kind="round")
+            self._report_round(r, stats)
         lists = rounds.gather_round_lists(lists, np.asarray(keys, np.int64))
         planned = trainer.plan.round_steps[r]
         for i in range(position["step_in_round"], planned):

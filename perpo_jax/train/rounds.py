@@ -157,6 +157,34 @@ def align_across_hosts(lists: ListSet, cfg: Config, processor, image_rows: dict,
     return lists.with_prompt_length(sync["width"], processor.tokenizer.pad_token_id or 0), sync["lists"]
 
 
+# Round statistics that add up over hosts, and per-prompt means (weighted by "prompts").
+SUMMED_STATS = ("prompts", "lists_kept", "duplicates_removed", "responses_truncated",
+                "dropped_margin", "dropped_too_few", "dropped_nonfinite_reward",
+                "dropped_no_pair", "pairs_kept", "samples_per_s")
+MEAN_STATS = ("mean_reward", "max_reward")
+
+
+def stats_across_hosts(stats: dict) -> dict:
+    """A round's statistics over every host: `SUMMED_STATS` summed, `MEAN_STATS` averaged
+    weighted by each host's prompts; any other key keeps this host's value. One process:
+    unchanged."""
+    if jax.process_count() == 1:
+        return stats
+    prompts = float(stats.get("prompts", 0.0))
+    mine = np.asarray([float(stats.get(k, 0.0)) for k in SUMMED_STATS]
+                      + [prompts * float(stats.get(k, 0.0)) for k in MEAN_STATS], np.float64)
+    total = np.asarray(multihost_utils.process_allgather(mine)).sum(axis=0)
+    out = dict(stats)
+    for i, key in enumerate(SUMMED_STATS):
+        if key in stats or total[i]:
+            out[key] = float(total[i])
+    all_prompts = out.get("prompts", 0.0)
+    for j, key in enumerate(MEAN_STATS):
+        if key in stats and all_prompts:
+            out[key] = float(total[len(SUMMED_STATS) + j] / all_prompts)
+    return out
+
+
 def gather_round_lists(lists: ListSet, example_keys: np.ndarray) -> ListSet:
     """Every host's lists of the round, on every host, in the order one process would hold
     them: sorted by `example_keys[source]`, the global position of each list's prompt
