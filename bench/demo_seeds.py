@@ -1,6 +1,7 @@
 """The demo over several seeds: mean ± sd per method and whether PerPO > DPO > SFT held.
 
     python bench/demo_seeds.py --seeds 0 1 2 --out runs/demo_seeds [section.key=value ...]
+    python bench/demo_seeds.py --base assets/demo_base ...      # align from a shipped base
     python bench/demo_seeds.py --reports A/report.json B/report.json   # aggregate only
 
 Each seed is a separate `perpo-jax demo --out OUT/seedS train.seed=S ...` process (the same
@@ -21,12 +22,21 @@ from pathlib import Path
 
 METRICS = ("acc@0.5", "mean_iou")
 ORDER = ("perpo", "dpo", "sft_warmup")  # the paper's claim: PerPO > DPO > SFT
+ISSUE_ORDER = ("perpo", "dpo", "sft")  # issue 16's goal: PerPO > DPO > continued SFT
 
 
-def run_seed(seed: int, out: Path, overrides: list[str]) -> tuple[Path, float]:
+def seed_command(seed: int, out: Path, overrides: list[str], base: str | None) -> list[str]:
+    """One seed's demo process; with `base`, every seed aligns from that same base dir (the
+    seed then changes the sampling and the data order, not the starting model)."""
+    base_override = [] if base is None else [f"demo.base_path={os.path.abspath(base)}"]
+    return [sys.executable, "-m", "perpo_jax.cli", "demo", "--out", str(out / f"seed{seed}"),
+            f"train.seed={seed}", *base_override, *overrides]
+
+
+def run_seed(seed: int, out: Path, overrides: list[str],
+             base: str | None = None) -> tuple[Path, float]:
     run_dir = out / f"seed{seed}"
-    cmd = [sys.executable, "-m", "perpo_jax.cli", "demo", "--out", str(run_dir),
-           f"train.seed={seed}", *overrides]
+    cmd = seed_command(seed, out, overrides, base)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # The demo's own prints go to a log beside its report so stdout stays one JSON object.
@@ -57,7 +67,18 @@ def summarise(reports: list[dict]) -> dict:
     for key in METRICS:
         held[key] = [all(r["results"][a]["metrics"][key] > r["results"][b]["metrics"][key]
                          for a, b in zip(ORDER, ORDER[1:])) for r in reports]
-    return {"methods": table, "gain_over_sft_warmup": gains, "perpo_gt_dpo_gt_sft_per_seed": held}
+    held_sft = {key: [all(r["results"][a]["metrics"][key] > r["results"][b]["metrics"][key]
+                          for a, b in zip(ISSUE_ORDER, ISSUE_ORDER[1:]))
+                      for r in reports if all(m in r["results"] for m in ISSUE_ORDER)]
+                for key in METRICS}
+    # each seed's own paired bootstrap interval of the gain (reports of demos that have them)
+    intervals = {m: [r["results"][m].get("gain_over_base") for r in reports if m in r["results"]]
+                 for m in methods if m != "sft_warmup"}
+    gaps = {m: [(r["results"][m].get("shuffled") or {}).get("gap") for r in reports
+                if m in r["results"]] for m in methods}
+    return {"methods": table, "gain_over_sft_warmup": gains, "perpo_gt_dpo_gt_sft_per_seed": held,
+            "perpo_gt_dpo_gt_continued_sft_per_seed": held_sft,
+            "gain_intervals_per_seed": intervals, "image_gap_per_seed": gaps}
 
 
 def main(argv=None) -> dict:
@@ -65,6 +86,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--out", default="runs/demo_seeds")
     p.add_argument("--reports", nargs="*", default=None, help="aggregate these report.json files")
+    p.add_argument("--base", default=None, help="base dir every seed aligns from "
+                   "(demo.base_path; default: the demo's own choice)")
     p.add_argument("overrides", nargs="*", help="passed to every demo run")
     args = p.parse_args(argv)
     walls = []
@@ -73,7 +96,7 @@ def main(argv=None) -> dict:
     else:
         paths = []
         for seed in args.seeds:
-            path, wall = run_seed(seed, Path(args.out), args.overrides)
+            path, wall = run_seed(seed, Path(args.out), args.overrides, args.base)
             paths.append(path)
             walls.append(wall)
     reports = [json.loads(path.read_text()) for path in paths]
@@ -81,6 +104,7 @@ def main(argv=None) -> dict:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "reports": [str(p) for p in paths],
+        "base": args.base,
         "demo_seconds": walls or [r.get("seconds") for r in reports],
         **summarise(reports),
     }

@@ -586,8 +586,8 @@ def _add_plan(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the embedded demo: SFT → PerPO/DPO/LiPO → eval → export",
-                       add_help=False)
+    p = sub.add_parser("demo", help="the embedded demo: base → PerPO/DPO/LiPO/SFT/RFT → eval → "
+                       "export (--train-base --out DIR: make the base)", add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER,
                    help="passed to perpo_jax.demo (try `perpo-jax demo --help`)")
     p.set_defaults(func=cmd_demo)

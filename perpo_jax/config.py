@@ -195,7 +195,8 @@ class EvalConfig:
 
 @dataclass
 class DemoConfig:
-    """`perpo-jax demo`: the SFT warm-up before the methods are compared."""
+    """`perpo-jax demo`: the base model (shipped or an in-process SFT warm-up), the methods
+    compared from it, and the report's checks."""
 
     sft_rounds: int = 6  # rounds of ground-truth SFT from random init
     sft_lr: float = 1e-3
@@ -204,7 +205,18 @@ class DemoConfig:
     # A tiny model learns grounding far faster per second from 32-example batches than from 8.
     sft_lists_per_step: int = 0
     sft_prompts_per_round: int = 0
-    methods: list[str] = field(default_factory=lambda: ["perpo", "dpo", "lipo", "sft"])
+    # rft: rejection-sampling fine-tuning (SFT on each list's best sampled candidate, the same
+    # sample budget as perpo / dpo / lipo); sft: continued SFT on the ground truth
+    methods: list[str] = field(default_factory=lambda: ["perpo", "dpo", "lipo", "sft", "rft"])
+    # The model every method starts from: an HF dir made by `perpo-jax demo --train-base`
+    # (loaded like model.hf_path, its processor included); "auto" = the shipped
+    # assets/demo_base when it exists and was made for this config's data.* task, else the
+    # SFT warm-up above is trained in-process; null = always train it in-process
+    base_path: str | None = "auto"
+    # evaluate every model a second time with the val images permuted among the examples
+    # (a fixed derangement): a model that reads the image falls to near chance
+    image_shuffle_check: bool = True
+    bootstrap_samples: int = 2000  # resamples of the paired bootstrap interval of each gain
     # shapes-POPE images (val; up to 6 questions each, 3 splits) every model is also scored
     # on (yes/no object hallucination, mean F1 over random / popular / adversarial); 0 = skip
     pope_images: int = 0
@@ -244,10 +256,11 @@ _CHOICES = {
 }
 
 
-# Demo methods: the losses on full lists, plus M3PO and its pair baselines (DPO on one pair
-# per list: M3P-Score hard negative, best vs worst MAS, a random qualifying pair) and the
-# M3PO alpha ablation (alpha = 0: hardest by MAS only; 1: by the policy's confidence only).
-DEMO_METHODS = (*_CHOICES["loss.name"], "m3po", "rm_dpo", "vanilla_dpo", "m3po_alpha0",
+# Demo methods: the losses on full lists, rft (SFT on the best sampled candidate), M3PO and
+# its pair baselines (DPO on one pair per list: M3P-Score hard negative, best vs worst MAS, a
+# random qualifying pair) and the M3PO alpha ablation (alpha = 0: hardest by MAS only; 1: by
+# the policy's confidence only).
+DEMO_METHODS = (*_CHOICES["loss.name"], "rft", "m3po", "rm_dpo", "vanilla_dpo", "m3po_alpha0",
                 "m3po_alpha1")
 
 
@@ -371,6 +384,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"demo.methods: {bad} not among {', '.join(DEMO_METHODS)}")
     if cfg.demo.pope_images < 0:
         raise ConfigError(f"demo.pope_images: must be >= 0, got {cfg.demo.pope_images}")
+    if cfg.demo.bootstrap_samples < 1:
+        raise ConfigError(f"demo.bootstrap_samples: must be >= 1, got {cfg.demo.bootstrap_samples}")
+    if cfg.demo.base_path is not None and not cfg.demo.base_path.strip():
+        raise ConfigError("demo.base_path: empty; give a base dir, auto or null")
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError(f"data.min_objects / data.max_objects: need 1 <= min <= max, got "
                           f"{cfg.data.min_objects} / {cfg.data.max_objects}")

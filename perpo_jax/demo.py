@@ -1,18 +1,23 @@
-"""`perpo-jax demo`: SFT → sample → reward → PerPO / DPO / LiPO / continued SFT → eval → export.
+"""`perpo-jax demo`: base → sample → reward → PerPO / DPO / LiPO / SFT / RFT → eval → export
 
-Everything runs locally on CPU from nothing: a synthetic dataset and tokenizer are generated,
-a tiny LLaVA is initialised at random and taught by SFT to ground imperfectly; then, from
-that same SFT model and with the same sample budget and number of updates, each alignment
-method trains; all are evaluated by greedy decoding on held-out images. Writes
+Everything runs locally on CPU: a synthetic dataset is generated; the base model is the shipped
+`assets/demo_base` (made by `perpo-jax demo --train-base`, loaded like a user's `model.hf_path`
+with its own processor) when it fits the task (`demo.base_path`), else a tiny LLaVA taught in
+this process by SFT to ground imperfectly. Then, from that same base and with the same sample
+budget and number of updates, each alignment method trains; all are evaluated by greedy
+decoding on held-out images, again with the images shuffled among the examples (does the model
+look?), and each gain over the base gets a paired bootstrap 95 % interval. Writes
 `<out>/report.json`, `<out>/methods.png` (bar chart), `<out>/<method>/curves.png`,
-`<out>/val_boxes.png` (GT vs SFT vs PerPO) and an HF export of the PerPO model.
+`<out>/val_boxes.png` (GT vs base vs PerPO) and an HF export of the PerPO model.
+
+    perpo-jax demo                                  # the README's first command
+    perpo-jax demo --train-base --out DIR           # make a base (configs/demo_base.yaml)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -23,7 +28,8 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from perpo_jax.config import DEMO_METHODS, Config, load_config
+from perpo_jax import demo_base, demo_report
+from perpo_jax.config import DEMO_METHODS, Config, ConfigError, load_config
 from perpo_jax.data import prepare
 from perpo_jax.evaluate import evaluate
 from perpo_jax.hf import save_pretrained
@@ -38,8 +44,15 @@ DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="perpo-jax demo", description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=("grounding", "ocr"), default="grounding")
-    p.add_argument("--config", default=None, help="default: configs/demo_shapes.yaml (or demo_ocr.yaml)")
-    p.add_argument("--out", default=None, help="output folder (default: train.out_dir)")
+    p.add_argument("--config", default=None, help="default: configs/demo_shapes.yaml (or "
+                   "demo_ocr.yaml); with --train-base: configs/demo_base.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: train.out_dir); with "
+                   "--train-base: the base dir to write (required)")
+    p.add_argument("--train-base", action="store_true",
+                   help="only run the SFT warm-up and save it as an HF base dir (--out) with "
+                        "base_card.json; align from it with demo.base_path=DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--train-base: replace a non-empty --out")
     p.add_argument("--method", default=None, type=_methods, metavar="M[,M...]",
                    help="comma-separated methods to train from the SFT model (default: "
                         "demo.methods); m3po = DPO on M3P-Score pairs, rm_dpo / vanilla_dpo its "
@@ -58,10 +71,13 @@ def _methods(text: str) -> list[str]:
 
 
 def demo_config(args) -> Config:
-    name = "demo_shapes.yaml" if args.task == "grounding" else "demo_ocr.yaml"
+    if args.train_base and args.task == "grounding":
+        name = "demo_base.yaml"
+    else:
+        name = "demo_shapes.yaml" if args.task == "grounding" else "demo_ocr.yaml"
     path = args.config or DEMO_CONFIGS / name
     overrides = list(args.overrides)
-    if args.out:
+    if args.out and not args.train_base:  # --train-base: --out is the base dir, not the run's
         overrides.append(f"train.out_dir={args.out}")
     if args.method:
         overrides.append(f"demo.methods=[{', '.join(args.method)}]")
@@ -100,6 +116,8 @@ def method_config(cfg: Config, method: str, out_dir: str) -> Config:
         pairs, alpha = M3PO_METHODS[method]
         m3po = {"pairs": pairs} if alpha is None else {"pairs": pairs, "alpha": alpha}
         return _with(cfg, loss={"name": "dpo"}, m3po=m3po, train={"out_dir": out_dir})
+    if method == "rft":  # rejection-sampling fine-tuning: SFT on each list's best sample
+        return _with(cfg, loss={"name": "sft", "sft_target": "best"}, train={"out_dir": out_dir})
     loss = {"name": method}
     if method == "lipo":
         loss["gamma"] = 0.0
@@ -109,12 +127,20 @@ def method_config(cfg: Config, method: str, out_dir: str) -> Config:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv or [])
+    argv = list(argv or [])
+    args = parse_args(argv)
     cfg = demo_config(args)
+    if args.train_base:
+        if not args.out:
+            raise ConfigError("--train-base: --out DIR (the base dir to write) is required")
+        return demo_base.train_base(cfg, args.out, command=argv, overwrite=args.overwrite)
+    base_path, why = demo_base.resolve_base_path(cfg)
+    print(f"[demo] {why}", flush=True)
+    if base_path is not None:  # loaded exactly as a user's model.hf_path, processor included
+        cfg = _with(cfg, model={"hf_path": base_path})
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
     methods = list(cfg.demo.methods)
-
 
     t_start = time.perf_counter()
     for run_dir in ["sft_warmup", *methods, "perpo_hf"]:
@@ -125,22 +151,25 @@ def main(argv=None) -> dict:
     print(f"[demo] data: {len(data.train)} train / {len(data.val)} val in {data.data_dir}; "
           f"devices: {jax.device_count()} x {jax.devices()[0].platform}", flush=True)
 
-    # 1) SFT from random init until it grounds imperfectly
-    base = from_config.build_model(cfg, mesh, data.processor)
-    sft = train(sft_config(cfg, os.path.join(out, "sft_warmup")), data=data, model=base, mesh=mesh)
-    sft_model = sft.model
-    pope = _pope_examples(cfg)
-    results = {"sft_warmup": _eval(evaluate, sft_model, data, cfg, mesh, pope)}
-    print(f"[demo] SFT warm-up: {results['sft_warmup']['metrics']}", flush=True)
+    # 1) the base: loaded, or SFT from random init until it grounds imperfectly
+    start_model = from_config.build_model(cfg, mesh, data.processor)
+    if base_path is None:
+        sft = train(sft_config(cfg, os.path.join(out, "sft_warmup")), data=data,
+                    model=start_model, mesh=mesh)
+        start_model = sft.model
+    check = _Checks(data, cfg, mesh, _pope_examples(cfg))
+    results = {"sft_warmup": check.evaluate(start_model)}
+    print(f"[demo] base ({'loaded' if base_path else 'SFT warm-up'}): "
+          f"{results['sft_warmup']['metrics']}", flush=True)
 
-    # 2) every method from the SAME SFT weights, same budget
+    # 2) every method from the SAME base weights, same budget
     trained = {}
     for method in methods:
         mcfg = method_config(cfg, method, os.path.join(out, method))
         t0 = time.perf_counter()
-        run = train(mcfg, data=data, model=nnx.clone(sft_model), mesh=mesh)
+        run = train(mcfg, data=data, model=nnx.clone(start_model), mesh=mesh)
         trained[method] = run.model
-        res = _eval(evaluate, run.model, data, cfg, mesh, pope)
+        res = check.evaluate(run.model, base=results["sft_warmup"])
         res["train_seconds"] = time.perf_counter() - t0
         res["samples_per_s"] = _mean([r.get("samples_per_s") for r in run.rounds])
         res["mean_round_reward"] = [r.get("mean_reward") for r in run.rounds]
@@ -148,10 +177,49 @@ def main(argv=None) -> dict:
         print(f"[demo] {method}: {res['metrics']}", flush=True)
 
     report = {"task": args.task, "config": dataclasses.asdict(cfg), "results": results,
+              "base": {"path": base_path, "trained_in_process": base_path is None,
+                       "why": why, "card": _card_summary(base_path)},
+              "image_shuffle_seed": demo_report.SHUFFLE_SEED if cfg.demo.image_shuffle_check
+              else None,
               "seconds": time.perf_counter() - t_start}
-    _write_outputs(report, results, trained, sft_model, data, cfg, mesh, out)
+    _write_outputs(report, results, trained, start_model, data, cfg, mesh, out)
     _print_table(results)
     return report
+
+
+def _card_summary(base_path: str | None) -> dict | None:
+    """The base card's provenance (command, time, machine, val metrics), not its lists."""
+    if base_path is None:
+        return None
+    card = demo_base.read_card(base_path)
+    return {k: card.get(k) for k in ("command", "seconds", "machine", "val_examples",
+                                     "val_metrics")}
+
+
+class _Checks:
+    """Evaluates a model on val: metrics, per-example scores, the gain over the base with its
+    bootstrap interval, the shuffled-image metrics and POPE (when configured)."""
+
+    def __init__(self, data, cfg: Config, mesh, pope):
+        self.data, self.cfg, self.mesh, self.pope = data, cfg, mesh, pope
+        n = min(cfg.eval.num_examples, len(data.val))
+        self.shuffled_data = dataclasses.replace(
+            data, val=demo_report.ShuffledImages(data.val, demo_report.image_derangement(n)))
+
+    def evaluate(self, model, base: dict | None = None) -> dict:
+        cfg = self.cfg
+        out = _eval(evaluate, model, self.data, cfg, self.mesh, self.pope)
+        if base is not None:
+            out["gain_over_base"] = demo_report.gains_over_base(
+                base["scores"], out["scores"], samples=cfg.demo.bootstrap_samples)
+        if cfg.demo.image_shuffle_check:
+            mixed = evaluate(model, self.shuffled_data, cfg, split="val", mesh=self.mesh,
+                             progress=False)
+            head = demo_report.table_metrics(self.data.task)[0]
+            out["shuffled"] = demo_report.shuffle_gap(out["metrics"], mixed.metrics, head)
+            out["shuffled_metrics"] = {k: v for k, v in mixed.metrics.items()
+                                       if isinstance(v, (int, float))}
+        return out
 
 
 def _mean(xs):
@@ -161,7 +229,9 @@ def _mean(xs):
 
 def _eval(evaluate, model, data, cfg, mesh, pope=None) -> dict:
     res = evaluate(model, data, cfg, split="val", mesh=mesh, progress=False)
-    out = {"metrics": dict(res.metrics), "texts": list(res.texts)}
+    scores = demo_report.example_scores(data.task, res.texts, res.gt)
+    out = {"metrics": dict(res.metrics), "texts": list(res.texts),
+           "scores": {k: v.tolist() for k, v in scores.items()}}
     if pope:
         from perpo_jax.data.pope import evaluate_pope
 
@@ -187,7 +257,9 @@ def _pope_examples(cfg: Config) -> dict | None:
 
 
 def _write_outputs(report, results, trained, sft_model, data, cfg, mesh, out) -> None:
-    slim = dict(report, results={k: {kk: vv for kk, vv in v.items() if kk != "texts"}
+    # per-example texts and scores stay out of report.json (the intervals summarise them)
+    slim = dict(report, results={k: {kk: vv for kk, vv in v.items()
+                                     if kk not in ("texts", "scores")}
                                  for k, v in results.items()})
     write_report(os.path.join(out, "report.json"), slim)
     _bar_chart(results, os.path.join(out, "methods.png"), cfg.data.task)
@@ -221,7 +293,7 @@ def _val_boxes(results: dict, data, cfg, path: str) -> None:
     examples = [prepare.record_example(data.val[i]) for i in range(n)]
     preds = {name: predicted_boxes(results[name]["texts"][:n]) for name in ("sft_warmup", "perpo")}
     draw_boxes_png(path, [ex.image for ex in examples], np.stack([ex.box for ex in examples]),
-                   {"SFT": preds["sft_warmup"], "PerPO": preds["perpo"]},
+                   {"base": preds["sft_warmup"], "PerPO": preds["perpo"]},
                    [ex.question.split(": ")[-1] for ex in examples])
 
 
@@ -248,29 +320,7 @@ def _export_and_check(model, data, cfg, out_dir: str) -> None:
           f"({sum(p.numel() for p in loaded.parameters())} parameters)", flush=True)
 
 
-# The table's two rates, each with one meaning: (column header, what it counts)
-_RATES = (("train samples/s", "candidates sampled per second in the method's training rounds "
-           "(- : trained on the ground truth, nothing sampled)"),
-          ("eval ex/s", "held-out examples greedy-decoded per second"))
-
-
-def _rate(value, width: int) -> str:
-    return f"{value:>{width}.1f}" if value else f"{'-':>{width}}"
-
-
 def _print_table(results: dict) -> None:
-    """One row per method: the eval metrics, then `_RATES` (never one column for both)."""
-    keys = sorted({k for r in results.values() for k, v in r["metrics"].items()
-                   if isinstance(v, (int, float)) and k not in ("count", "samples_per_s")})
-    widths = [len(header) + 2 for header, _ in _RATES]
-    head = (f"{'method':<12}" + "".join(f"{k:>14}" for k in keys)
-            + "".join(f"{header:>{w}}" for (header, _), w in zip(_RATES, widths)))
-    print(head)
-    print("-" * len(head))
-    for name, r in results.items():
-        row = f"{name:<12}" + "".join(f"{r['metrics'].get(k, float('nan')):>14.4f}" for k in keys)
-        train_rate, eval_rate = r.get("samples_per_s"), r["metrics"].get("samples_per_s")
-        print(row + _rate(train_rate, widths[0]) + _rate(eval_rate, widths[1]))
-    for header, meaning in _RATES:
-        print(f"  {header}: {meaning}")
-    print(json.dumps({n: r["metrics"] for n, r in results.items()}))
+    """One aligned row per method: the task's few metrics, the headline gain over the base
+    with its interval, the shuffled-image check, then the two rates (report.json has all)."""
+    demo_report.print_table(results)

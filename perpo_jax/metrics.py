@@ -15,6 +15,8 @@ saved predictions) can feed them:
   (accuracy, precision, recall, F1, yes_ratio; "yes" is the positive class), with the
   official POPE answer parser or lmms-eval's exact match; `pope_summary` adds the mean F1
   over splits (how LLaVA-1.5 reports POPE).
+- `paired_bootstrap_gain(base_scores, method_scores)`: mean per-example gain of one model
+  over another on the same examples, with a paired bootstrap 95 % interval.
 - `write_report(path, metrics)`: JSON, written atomically.
 - `draw_boxes_png(path, images, gt_boxes, pred_boxes_by_method, captions)`: a grid of images
   with the ground-truth box in green and each method's predicted box in its own colour.
@@ -347,6 +349,34 @@ def pope_summary(by_split: Mapping[str, Mapping[str, float]]) -> dict:
         raise ValueError("pope_summary needs at least one split")
     return {**splits, "mean_f1": float(np.mean([m["f1"] for m in splits.values()])),
             "mean_accuracy": float(np.mean([m["accuracy"] for m in splits.values()]))}
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def paired_bootstrap_gain(base_scores, method_scores, *, samples: int = 2000,
+                          seed: int = 0) -> dict[str, float]:
+    """Mean gain of a method over a base on the SAME examples, with a 95 % bootstrap interval.
+
+    base_scores, method_scores: [N] per-example scores (e.g. 0/1 hits for Acc@0.5, IoUs).
+    The examples are resampled with replacement `samples` times (paired: one index draw serves
+    both models, so the interval reflects the per-example differences, not each model's
+    spread); lo / hi are the 2.5th / 97.5th percentiles of the resampled mean gains.
+    Returns {"mean", "lo", "hi", "n", "samples"}; deterministic for a given `seed`.
+    """
+    base = np.asarray(base_scores, np.float64).reshape(-1)
+    method = np.asarray(method_scores, np.float64).reshape(-1)
+    if base.shape != method.shape or base.size == 0:
+        raise ValueError(f"paired_bootstrap_gain needs two equal, non-empty score vectors, got "
+                         f"{base.shape} and {method.shape}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    diff = method - base
+    index = np.random.default_rng(seed).integers(0, diff.size, size=(samples, diff.size))
+    gains = diff[index].mean(axis=1)
+    lo, hi = np.percentile(gains, [2.5, 97.5])
+    return {"mean": float(diff.mean()), "lo": float(lo), "hi": float(hi), "n": int(diff.size),
+            "samples": int(samples)}
 
 
 # ----------------------------------------------------------------------------- outputs

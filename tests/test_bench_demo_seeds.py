@@ -47,3 +47,55 @@ def test_aggregates_reports_into_one_json(tmp_path):
     # seed 0: 0.14 > 0.12 > 0.10 holds; seed 1: DPO 0.24 beats PerPO 0.22, so it does not
     assert out["perpo_gt_dpo_gt_sft_per_seed"]["acc@0.5"] == [True, False]
     assert out["perpo_gt_dpo_gt_sft_per_seed"]["mean_iou"] == [True, True]
+
+
+def test_seeds_align_from_a_given_base(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import demo_seeds
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    cmd = demo_seeds.seed_command(2, tmp_path, ["eval.num_examples=4"], "assets/demo_base")
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "seed2")
+    assert f"demo.base_path={Path('assets/demo_base').resolve()}" in cmd
+    assert cmd[-1] == "eval.num_examples=4" and "train.seed=2" in cmd
+    no_base = demo_seeds.seed_command(0, tmp_path, [], None)
+    assert not any(c.startswith("demo.base_path") for c in no_base)
+
+
+SWEEP = SCRIPT.parent / "demo_sweep.py"
+
+
+def test_sweep_tiny_plan_and_report_summary(tmp_path):
+    """`demo_sweep.py --tiny --dry-run`: one JSON line per setting, each a demo command from the
+    base; `--reports`: the per-setting lines (headline, gain interval, image gap) + summary."""
+    proc = subprocess.run([sys.executable, str(SWEEP), "--tiny", "--dry-run", "--base", "B",
+                           "--out", str(tmp_path), "eval.num_examples=4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    plan = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [p["setting"] for p in plan] == ["baseline", "beta=0.3"]
+    assert plan[1]["command"][-2:] == ["eval.num_examples=4", "loss.beta=0.3"]
+    assert "demo.base_path=B" in plan[0]["command"]
+
+    def report(perpo_gain):
+        gain = {"mean": perpo_gain, "lo": perpo_gain - 0.02, "hi": perpo_gain + 0.02}
+        return {"task": "grounding", "seconds": 9.0, "results": {
+            "sft_warmup": {"metrics": {"acc@0.5": 0.4}},
+            "perpo": {"metrics": {"acc@0.5": 0.4 + perpo_gain}, "gain_over_base": {"acc@0.5": gain},
+                      "shuffled": {"acc@0.5": 0.05, "gap": 0.35 + perpo_gain}}}}
+
+    paths = []
+    for name, gain in (("baseline", 0.02), ("beta=0.3", 0.06)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(report(gain)))
+        paths.append(f"{name}={path}")
+    proc = subprocess.run([sys.executable, str(SWEEP), "--reports", *paths],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *lines, summary = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[1]["setting"] == "beta=0.3" and lines[1]["overrides"] == ["loss.beta=0.3"]
+    assert lines[1]["methods"]["perpo"]["gain"]["mean"] == pytest.approx(0.06)
+    assert lines[1]["methods"]["perpo"]["image_gap"] == pytest.approx(0.41)
+    assert summary["best_by_method"]["perpo"]["setting"] == "beta=0.3"
+    assert summary["machine"]["cpus"] >= 1
