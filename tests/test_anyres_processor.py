@@ -9,9 +9,6 @@ reference OneVision prompts come from transformers' own `LlavaOnevisionProcessor
 built without a video processor (its video-processor class check skipped; only its image and
 text paths run).
 """
-import json
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,19 +80,7 @@ def onevision_dir(tmp_path_factory, tokenizer):
     processor_config.json (num_image_tokens, strategy, vision_aspect_ratio), the tokenizer,
     chat_template.jinja, and a tiny random LlavaOnevisionForConditionalGeneration."""
     out = str(tmp_path_factory.mktemp("onevision") / "ckpt")
-    tokenizer.save_pretrained(out)
-    LlavaOnevisionImageProcessorPil(
-        size={"height": 16, "width": 16}, image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
-    with open(os.path.join(out, "processor_config.json"), "w") as f:
-        json.dump({"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 16,
-                   "vision_feature_select_strategy": "full",
-                   "vision_aspect_ratio": "anyres_max_2"}, f)
-    with open(os.path.join(out, "chat_template.jinja"), "w") as f:
-        f.write(CHAT_TEMPLATE)
-    tiny_hf.llava_onevision(_text_config("onevision", tokenizer),
-                            image_token_index=tokenizer.convert_tokens_to_ids("<image>")
-                            ).save_pretrained(out)
+    tiny_hf.save_onevision_dir(out, tokenizer, CHAT_TEMPLATE)
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 import transformers as tf
 from flax import nnx
 from PIL import Image, ImageDraw
-from transformers import AutoTokenizer, LlavaOnevisionImageProcessorPil
+from transformers import AutoTokenizer
 
 import tiny_hf
 from perpo_jax import cli
@@ -47,18 +47,7 @@ def onevision_dir(tmp_path_factory):
     train_tokenizer(list(tokenizer_corpus([QUESTION] * 5, PAGES * 5)), 300, tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.save_pretrained(out)
-    LlavaOnevisionImageProcessorPil(
-        size={"height": 16, "width": 16}, image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
-    with open(os.path.join(out, "processor_config.json"), "w") as f:
-        json.dump({"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 16,
-                   "vision_feature_select_strategy": "full",
-                   "vision_aspect_ratio": "anyres_max_2"}, f)
-    tiny_hf.llava_onevision(tiny_hf.qwen2_config(vocab_size=len(tokenizer)),
-                            image_token_index=tokenizer.convert_tokens_to_ids("<image>")
-                            ).save_pretrained(out)
-    return out
+    return tiny_hf.save_onevision_dir(out, tokenizer)
 
 
 @pytest.fixture(scope="module")

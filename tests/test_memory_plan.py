@@ -37,17 +37,18 @@ def _cfg(path, *extra):
                               "train.lists_per_step=8", "mesh.shape=[2,2,2]", *extra])
 
 
-@pytest.mark.parametrize("make", [
-    lambda: tf.LlavaConfig(text_config=tiny_hf.llama_config(), vision_config=tiny_hf.clip_config(),
-                           image_token_index=tiny_hf.IMAGE_TOKEN),
-    lambda: tf.LlavaConfig(text_config=tiny_hf.qwen2_config(),
-                           vision_config=tiny_hf.siglip_config(vision_use_head=True),
-                           image_token_index=tiny_hf.IMAGE_TOKEN,
-                           vision_feature_select_strategy="full"),
+# The step compiles the same way for both families: compile one (CI time), count both.
+@pytest.mark.parametrize("make, compile_step", [
+    (lambda: tf.LlavaConfig(text_config=tiny_hf.llama_config(), vision_config=tiny_hf.clip_config(),
+                            image_token_index=tiny_hf.IMAGE_TOKEN), True),
+    (lambda: tf.LlavaConfig(text_config=tiny_hf.qwen2_config(),
+                            vision_config=tiny_hf.siglip_config(vision_use_head=True),
+                            image_token_index=tiny_hf.IMAGE_TOKEN,
+                            vision_feature_select_strategy="full"), False),
 ], ids=["llama_clip", "qwen2_tied_siglip"])
-def test_counts_equal_transformers_and_step_compiles(make, tmp_path):
+def test_counts_equal_transformers_and_step_compiles(make, compile_step, tmp_path):
     path = _config_only(tmp_path, make())
-    plan = memory_plan(_cfg(path), devices=8, hbm_gib=1.0, compile_step=True)
+    plan = memory_plan(_cfg(path), devices=8, hbm_gib=1.0, compile_step=compile_step)
     assert plan["params_total"] == _hf_count(path)
     assert 0 < plan["params_lora"] <= plan["params_trainable"] < plan["params_total"]
     per = plan["per_device_bytes"]
@@ -55,14 +56,15 @@ def test_counts_equal_transformers_and_step_compiles(make, tmp_path):
                         "activations"}
     # AdamW mu + nu, float32, sharded like the params (+ a few replicated counters)
     assert 0 <= per["optimizer_state"] - 2 * per["trainable_params"] < 64
-    compiled = plan["modes"]["prefix_shared"]["compiled"]
-    # the step's arguments are the (sharded) weights, optimizer state and batch
-    assert compiled["argument"] >= per["base_params"] + per["trainable_params"]
-    assert plan["peak_source"] == "compiled" and plan["fits"]
     # prefix sharing runs the prompt once per list, not K times
     modes = plan["modes"]
     assert (modes["prefix_shared"]["activations_analytic"]["decoder"]
             < modes["naive"]["activations_analytic"]["decoder"])
+    if compile_step:
+        compiled = modes["prefix_shared"]["compiled"]
+        # the step's arguments are the (sharded) weights, optimizer state and batch
+        assert compiled["argument"] >= per["base_params"] + per["trainable_params"]
+        assert plan["peak_source"] == "compiled" and plan["fits"]
 
 
 def test_llava15_7b_from_config_json_alone():

@@ -104,7 +104,7 @@ box_like = st.lists(st.sampled_from(["[", "]", "(", ")", ",", " ", "0", "1", "."
                                      "nan", "inf", "9", "box"]), max_size=30).map("".join)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.one_of(st.text(max_size=60), box_like),
        st.lists(st.floats(0, 1), min_size=4, max_size=4))
 def test_iou_fuzz_always_finite_in_unit_interval(text, gt):
@@ -196,7 +196,7 @@ def test_levenshtein_random_unicode_vs_python_dp():
         assert levenshtein(a, b) == python_levenshtein(a, b), (a, b)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.text(max_size=25), st.text(max_size=25))
 def test_levenshtein_hypothesis_vs_python_dp(a, b):
     assert levenshtein(a, b) == python_levenshtein(a, b)
@@ -258,7 +258,7 @@ def test_ocr_rewards_argument_errors():
         ocr_rewards(["a", None], ["a", "b"])
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.text(max_size=40), st.text(max_size=40))
 def test_ocr_fuzz_always_finite_in_unit_interval(pred, ref):
     got = ocr_rewards([pred], [ref])

@@ -81,7 +81,9 @@ def test_step_on_2x2x2_mesh_equals_single_device():
     assert_trees_close(o8, o1, atol=1e-5)
 
 
-@pytest.mark.parametrize("loss_name", ["perpo", "lipo", "lipo_lambda", "dpo", "sft"])
+# lipo / lipo_lambda differ from perpo only in the pair weights (tests/test_losses.py checks
+# them against numpy); one compile each here would double this test's CI time
+@pytest.mark.parametrize("loss_name", ["perpo", "dpo", "sft"])
 def test_few_steps_on_a_fixed_batch_lower_the_loss(loss_name):
     mesh = make_mesh((2, 2, 2))
     step, state, frozen, reference, _, cfg = setup(mesh, loss=LossConfig(name=loss_name))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import torch
 import transformers as tf
@@ -200,3 +203,25 @@ def hf_anyres_logits(model, ids, attention_mask, pixel_values, image_sizes) -> n
                     pixel_values=torch.tensor(np.asarray(pixel_values)),
                     image_sizes=torch.tensor(np.asarray(image_sizes)))
     return out.logits.float().numpy()
+
+
+def save_onevision_dir(out: str, tokenizer, chat_template: str | None = None) -> str:
+    """A OneVision checkpoint dir laid out as the hub has them: preprocessor_config.json
+    (16 px tiles, ONEVISION_PINPOINTS), processor_config.json (16 features per tile, "full",
+    anyres_max_2), the tokenizer, chat_template.jinja when given, and a tiny random
+    LlavaOnevisionForConditionalGeneration over the tokenizer's vocabulary (transformers'
+    LlavaOnevisionProcessor itself cannot save without a video processor, i.e. torchvision)."""
+    tokenizer.save_pretrained(out)
+    tf.LlavaOnevisionImageProcessorPil(
+        size={"height": 16, "width": 16}, image_grid_pinpoints=ONEVISION_PINPOINTS,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
+    with open(os.path.join(out, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 16,
+                   "vision_feature_select_strategy": "full",
+                   "vision_aspect_ratio": "anyres_max_2"}, f)
+    if chat_template is not None:
+        with open(os.path.join(out, "chat_template.jinja"), "w") as f:
+            f.write(chat_template)
+    llava_onevision(qwen2_config(vocab_size=len(tokenizer)),
+                    image_token_index=tokenizer.convert_tokens_to_ids("<image>")).save_pretrained(out)
+    return out
