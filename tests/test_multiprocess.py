@@ -116,11 +116,11 @@ def test_distributed_flags_and_auto_detection(monkeypatch, capsys):
 TINY = ["model.tiny={hidden_size: 32, num_layers: 1, image_size: 16, patch_size: 8, "
         "vocab_size: 320}", "lora.enabled=true", "lora.rank=4", "data.image_size=32",
         "data.task=ocr", "data.source=shapes_ocr", "data.num_train=16", "data.num_val=4",
-        "data.min_margin=0.0", "train.mode=online", "train.rounds=2", "train.steps=0",
+        "data.min_margin=0.0", "train.mode=online", "train.rounds=1", "train.steps=0",
         "sampling.prompts_per_round=8", "sampling.num_samples=3", "sampling.max_new_tokens=6",
-        "train.num_candidates=3", "train.lists_per_step=4", "train.max_length=192",
+        "train.num_candidates=3", "train.lists_per_step=2", "train.max_length=192",
         "train.max_response_length=8", "optim.lr=1e-3", "optim.warmup_ratio=0.0",
-        "mesh.shape=[2,2,2]", "checkpoint.save_every=2", "checkpoint.async_save=false"]
+        "mesh.shape=[2,2,2]", "checkpoint.save_every=3", "checkpoint.async_save=false"]
 
 
 def _train_cmd(run: Path, data_dir: Path) -> list[str]:
