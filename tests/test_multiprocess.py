@@ -34,9 +34,7 @@ def run_processes(commands: list[list[str]], log_dir: Path, devices: list[int] |
     """Starts every command (with `devices[i]` fake CPU devices when given), waits up to
     LIMIT_S for all, kills (by pid, each in its own session) whatever is left; returns the
     logs. sigterm=(targets, i, text): SIGTERM to the `targets` once log i shows `text`."""
-    # no persistent compilation cache here: these programs span processes (gloo collectives)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "PERPO_JAX_DISTRIBUTED", "JAX_COMPILATION_CACHE_DIR")}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PERPO_JAX_DISTRIBUTED")}
     env["JAX_PLATFORMS"] = "cpu"
     log_dir.mkdir(parents=True, exist_ok=True)
     paths = [log_dir / f"proc{i}.log" for i in range(len(commands))]
