@@ -174,15 +174,21 @@ def test_online_run_on_two_processes_equals_one(tmp_path):
     step_one, one = _final_params(tmp_path / "one")
     step_two, two_params = _final_params(tmp_path / "two")
     assert step_one == step_two == 4 and one.keys() == two_params.keys()
-    for name in one:
-        np.testing.assert_allclose(two_params[name], one[name], atol=1e-5, err_msg=name)
-    def round_rows(run):  # the rounds' statistics process 0 logged (all hosts' together)
-        rows = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+    # the step batches are the same rows on the same devices: equal to float noise (Adam
+    # would blow up any real difference: its first updates are +-lr whatever the gradient)
+    worst = max(((float(np.abs(two_params[n] - one[n]).max()), n) for n in one))
+    assert worst[0] <= 1e-5, worst
+    def rows_of(run):  # what process 0 logged
+        return [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+
+    def round_rows(run):  # the rounds' statistics (all hosts' together)
         return [{k: v for k, v in row.items() if k not in ("samples_per_s", "time")}
-                for row in rows if "lists_kept" in row]
+                for row in rows_of(run) if "lists_kept" in row]
 
     last_two, last_one = round_rows("two")[-1], round_rows("one")[-1]
     assert last_two.keys() == last_one.keys() and last_one["prompts"] == 8
     assert last_two == {k: v if isinstance(v, str) else pytest.approx(v, rel=1e-6)
                         for k, v in last_one.items()}
+    steps_two = [r["mean_reward"] for r in rows_of("two") if r.get("kind") == "step"]
+    assert steps_two[-1] == pytest.approx(last_one["mean_reward"])  # all hosts', not host 0's
     assert sorted(p.name for p in (tmp_path / "two" / "lists").iterdir()) == ["host000", "host001"]

@@ -251,17 +251,19 @@ class _Trainer:
         if not self.most_lists:
             return None
         # `lists` holds every host's lists in one global order (rounds.gather_round_lists):
-        # an update takes the next `real · hosts` of them and this host its own block, as
-        # one process would place those rows on the same devices
-        n, real = len(lists), self.plan.real_local
-        real_all, first = real * jax.process_count(), real * jax.process_index()
-        mine = range(first, first + real)
+        # an update takes the next `real · hosts` of them, padded with empty lists at the end,
+        # and this host its block of those rows -- the very batch one process would build, so
+        # every list sits on the same device whatever the number of hosts
+        n, real_all = len(lists), self.plan.real_local * jax.process_count()
         if self.plan.exact_pass:  # the loader's batch of this update (already shuffled)
-            idx = [step_in_round * real_all + q for q in mine if step_in_round * real_all + q < n]
+            rows = [q for q in range(step_in_round * real_all, (step_in_round + 1) * real_all)
+                    if q < n]
         else:
             order = np.random.default_rng([self.cfg.train.seed, round_index]).permutation(n)
-            idx = [int(order[(step_in_round * real_all + q) % n]) for q in mine
-                   if q < min(real_all, n)]
+            rows = [int(order[(step_in_round * real_all + q) % n])
+                    for q in range(min(real_all, n))]
+        first = self.plan.local_lists * jax.process_index()
+        idx = rows[first:first + self.plan.local_lists]
         batch = to_global(lists.step_batch(idx, self.plan.local_lists), self.mesh)
         t0 = time.perf_counter()
         self.state, metrics = self.step_fn(self.state, self.frozen, self.reference, batch)
@@ -434,12 +436,12 @@ class _Run:
             trainer.most_lists = global_max({"lists": len(lists)})["lists"]
         else:
             lists = trainer.round_lists(examples, r)
-            lists.save(path)
-            stats = rounds.stats_across_hosts(lists.stats)
-            self.rounds.append({"round": r, **stats})
-            self.log.write(stats, step=int(trainer.state.step), kind="round")
-            self._report_round(r, stats)
+            lists.save(path)  # this host's lists: a resume re-gathers them
         lists = rounds.gather_round_lists(lists, np.asarray(keys, np.int64))
+        if not inside:
+            self.rounds.append({"round": r, **lists.stats})
+            self.log.write(lists.stats, step=int(trainer.state.step), kind="round")
+            self._report_round(r, lists.stats)
         planned = trainer.plan.round_steps[r]
         for i in range(position["step_in_round"], planned):
             metrics = trainer.step(lists, r, i)

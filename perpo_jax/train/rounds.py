@@ -188,13 +188,14 @@ def stats_across_hosts(stats: dict) -> dict:
 def gather_round_lists(lists: ListSet, example_keys: np.ndarray) -> ListSet:
     """Every host's lists of the round, on every host, in the order one process would hold
     them: sorted by `example_keys[source]`, the global position of each list's prompt
-    (`example_keys` [E] int64: of this host's E round examples). One process: unchanged.
+    (`example_keys` [E] int64: of this host's E round examples), with the round's statistics
+    over every host. One process: unchanged.
 
-    This is what makes a step's lists independent of the number of hosts: host h then
-    trains on the h-th block of each step's global lists, wherever they were sampled.
+    This is what makes a step's batch independent of the number of hosts: every host builds
+    the batch one process would, and feeds its own block of rows.
     """
     if jax.process_count() == 1 or not lists.arrays:
-        return lists
+        return ListSet(lists.arrays, stats_across_hosts(lists.stats))
     counts = np.asarray(multihost_utils.process_allgather(np.int64(len(lists))))  # [H]
     most = int(counts.max())
     mine = lists.step_batch(range(len(lists)), most)  # zero rows up to `most`, no source
@@ -204,7 +205,7 @@ def gather_round_lists(lists: ListSet, example_keys: np.ndarray) -> ListSet:
     arrays = {name: np.concatenate([np.asarray(v)[h, :counts[h]] for h in range(len(counts))])
               for name, v in every.items()}
     order = np.argsort(arrays["source"], kind="stable")
-    return ListSet({name: v[order] for name, v in arrays.items()}, lists.stats)
+    return ListSet({name: v[order] for name, v in arrays.items()}, stats_across_hosts(lists.stats))
 
 
 def add_ref_logps(lists: ListSet, ref_fn, state, frozen, reference, mesh, rows: int,
