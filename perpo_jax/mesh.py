@@ -44,8 +44,11 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "patch": None,
     "channels": None,
     "positions": None,
-    # LoRA
-    "lora_rank": None,
+    # LoRA: the rank dimension takes fsdp where the other dimension did not (a mesh axis is
+    # used once per array), so under an fsdp-only mesh (the official ZeRO-3 recipe) a LoRA
+    # `b` [rank, out] and `down_proj`'s `a` [mlp, rank] are split across chips too, not
+    # replicated on each.
+    "lora_rank": "fsdp",
 }
 
 

@@ -89,7 +89,19 @@ def test_lora_params_carry_logical_names_and_shard():
     shardings = state_shardings(params, make_mesh((1, 2, 4)))
     q = shardings["language_model"]["layers"][0]["self_attn"]["q_proj"]["lora"]
     assert tuple(q["a"].spec) == ("fsdp", None)  # ("embed", "lora_rank")
-    assert tuple(q["b"].spec) == (None, "tensor", None)  # ("lora_rank", "heads", "head_dim")
+    assert tuple(q["b"].spec) == ("fsdp", "tensor", None)  # ("lora_rank", "heads", "head_dim")
+
+
+def test_every_lora_param_is_split_under_an_fsdp_only_mesh():
+    """The official recipe's mesh is [1, -1, 1]: no LoRA matrix may sit whole on every chip
+    (each has one dimension that fsdp divides: `embed`, or the rank where `embed` is absent)."""
+    model, _ = tiny()
+    apply_lora(model, LoraConfig(rank=8, alpha=8.0, targets=[".*"]), nnx.Rngs(1))
+    shardings = nnx.to_flat_state(state_shardings(nnx.state(model, LoRAParam),
+                                                  make_mesh((1, 8, 1))))
+    assert len(shardings) > 0
+    replicated = [".".join(map(str, p)) for p, s in shardings if "fsdp" not in tuple(s.spec)]
+    assert replicated == []
 
 
 def test_reference_is_the_base_bit_for_bit():
