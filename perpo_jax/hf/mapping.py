@@ -101,6 +101,18 @@ def text_entries(cfg: TextConfig, ours: tuple = (), model: str = "model.", head:
     return e
 
 
+def _encoder_layer(p: tuple, k: str) -> list[Entry]:
+    """One pre-LN transformer layer as CLIP's and SigLIP's towers (vision and text) name it."""
+    e = _layer_norm(p + ("layer_norm1",), k + "layer_norm1")
+    for name in ("q_proj", "k_proj", "v_proj"):
+        e += _linear(p + ("self_attn", name), k + f"self_attn.{name}", True)
+    e += _linear(p + ("self_attn", "out_proj"), k + "self_attn.out_proj", True, n_in=2)
+    e += _layer_norm(p + ("layer_norm2",), k + "layer_norm2")
+    e += _linear(p + ("mlp", "fc1"), k + "mlp.fc1", True)
+    e += _linear(p + ("mlp", "fc2"), k + "mlp.fc2", True)
+    return e
+
+
 def vision_entries(cfg: VisionConfig, ours: tuple = ("vision_tower",), hf: str = "vision_tower."):
     """CLIP / SigLIP vision tower table (v5 layout: no `vision_model.` level)."""
     emb = ours + ("embeddings",)
@@ -114,14 +126,7 @@ def vision_entries(cfg: VisionConfig, ours: tuple = ("vision_tower",), hf: str =
     else:
         e.append(Entry(emb + ("patch_embedding", "bias"), f"{hf}embeddings.patch_embedding.bias", "copy"))
     for i in range(cfg.num_layers):
-        p, k = ours + ("layers", i), f"{hf}encoder.layers.{i}."
-        e += _layer_norm(p + ("layer_norm1",), k + "layer_norm1")
-        for name in ("q_proj", "k_proj", "v_proj"):
-            e += _linear(p + ("self_attn", name), k + f"self_attn.{name}", True)
-        e += _linear(p + ("self_attn", "out_proj"), k + "self_attn.out_proj", True, n_in=2)
-        e += _layer_norm(p + ("layer_norm2",), k + "layer_norm2")
-        e += _linear(p + ("mlp", "fc1"), k + "mlp.fc1", True)
-        e += _linear(p + ("mlp", "fc2"), k + "mlp.fc2", True)
+        e += _encoder_layer(ours + ("layers", i), f"{hf}encoder.layers.{i}.")
     e += _layer_norm(ours + ("post_layernorm",), f"{hf}post_layernorm")
     if cfg.family == "siglip" and cfg.use_head:
         h, k = ours + ("head",), f"{hf}head."
@@ -154,14 +159,7 @@ def clip_entries(cfg) -> list[Entry]:
          Entry(t + ("embeddings", "position_embedding"), f"{k}embeddings.position_embedding.weight",
                "copy")]
     for i in range(cfg.text.num_layers):
-        p, h = t + ("layers", i), f"{k}encoder.layers.{i}."
-        e += _layer_norm(p + ("layer_norm1",), h + "layer_norm1")
-        for name in ("q_proj", "k_proj", "v_proj"):
-            e += _linear(p + ("self_attn", name), h + f"self_attn.{name}", True)
-        e += _linear(p + ("self_attn", "out_proj"), h + "self_attn.out_proj", True, n_in=2)
-        e += _layer_norm(p + ("layer_norm2",), h + "layer_norm2")
-        e += _linear(p + ("mlp", "fc1"), h + "mlp.fc1", True)
-        e += _linear(p + ("mlp", "fc2"), h + "mlp.fc2", True)
+        e += _encoder_layer(t + ("layers", i), f"{k}encoder.layers.{i}.")
     e += _layer_norm(t + ("final_layer_norm",), f"{k}final_layer_norm")
     e += vision_entries(cfg.vision, ("vision_model",), "vision_model.")
     e += _linear(("visual_projection",), "visual_projection", False)
