@@ -29,18 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
-import statistics
 import sys
 import tempfile
-import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # run from a checkout
 sys.path.insert(0, str(BENCH))
-import list_step  # noqa: E402  (the model config and the FLOP model are shared)
+import list_step  # noqa: E402  (model config, FLOP model, timer and machine block are shared)
 
 
 def parse_args(argv=None):
@@ -138,24 +134,6 @@ def hf_runner(hf, ids, pixels, args, *, greedy: bool, new_tokens: int):
     return once
 
 
-def time_interleaved(runners: dict, repeats: int) -> dict:
-    """First call of each (compile for ours), then `repeats` interleaved rounds."""
-    stats = {}
-    for name, fn in runners.items():
-        log(f"first call {name}")
-        start = time.perf_counter()
-        fn()
-        stats[name] = {"first": time.perf_counter() - start, "times": []}
-    for i in range(repeats):
-        log(f"round {i + 1}/{repeats}")
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            fn()
-            stats[name]["times"].append(time.perf_counter() - start)
-    return {name: {"first_s": st["first"], "median_s": statistics.median(st["times"]),
-                   "min_s": min(st["times"])} for name, st in stats.items()}
-
-
 def split_report(full: dict, prefill: dict, tokens: int, tokens_per_sample: int) -> dict:
     total, pre = full["median_s"], prefill["median_s"]
     return {"total_s": round(total, 4), "prefill_s": round(pre, 4),
@@ -206,7 +184,7 @@ def main(argv=None):
                                                 new_tokens=args.new_tokens)
             runners["transformers_prefill"] = hf_runner(hf, ids, pixels, args, greedy=greedy,
                                                         new_tokens=1)
-        times = time_interleaved(runners, args.repeats)
+        times = list_step.time_interleaved(runners, args.repeats)
         names = ["ours_shared", "ours_repeated"] + (["transformers"] if hf is not None else [])
         rep = {name: split_report(times[name], times[name + "_prefill"], tokens, args.new_tokens)
                for name in names}
@@ -227,12 +205,7 @@ def main(argv=None):
                 agree = runners["ours_shared"].tokens == runners["transformers"].tokens
                 rep["greedy_token_agreement_vs_transformers"] = round(float(agree.mean()), 4)
         result["modes"][mode] = rep
-    import jax
-    result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                         "cpu_cores_usable": list_step.cpu_cores(), "jax": jax.__version__,
-                         "jax_backend": jax.default_backend(), "torch": torch.__version__,
-                         "torch_threads": torch.get_num_threads(),
-                         "transformers": transformers.__version__}
+    result["machine"] = list_step.machine_info()
     print(json.dumps(result))
 
 
