@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 METRICS = ("acc@0.5", "mean_iou")
+OPTIONAL_METRICS = ("pope_f1",)
 ORDER = ("perpo", "dpo", "sft_warmup")  # the paper's claim: PerPO > DPO > SFT
 ISSUE_ORDER = ("perpo", "dpo", "sft")  # issue 16's goal: PerPO > DPO > continued SFT
 
@@ -50,27 +51,33 @@ def _stats(vals: list[float]) -> dict:
             "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals}
 
 
+def _order_held(reports: list[dict], order: tuple, key: str) -> list[bool]:
+    """Per seed whose report has every method of `order`: did order[0] > order[1] > ... hold?"""
+    return [all(r["results"][a]["metrics"][key] > r["results"][b]["metrics"][key]
+                for a, b in zip(order, order[1:]))
+            for r in reports if all(m in r["results"] for m in order)]
+
+
 def summarise(reports: list[dict]) -> dict:
     methods = list(reports[0]["results"])
+    # shapes-POPE F1 where every report has it (demo.pope_images > 0)
+    keys = METRICS + tuple(k for k in OPTIONAL_METRICS
+                           if all(k in res["metrics"] for r in reports
+                                  for res in r["results"].values()))
 
     def metric(m: str, key: str) -> list[float]:
         return [r["results"][m]["metrics"][key] for r in reports if m in r["results"]]
 
-    table = {m: {key: _stats(metric(m, key)) for key in METRICS} for m in methods}
+    table = {m: {key: _stats(metric(m, key)) for key in keys} for m in methods}
     # Paired differences: the warm-up's seed-to-seed spread dominates each method's sd, but
     # every method starts from its own seed's warm-up, so method - warm-up per seed is the gain.
     gains = {m: {key: _stats([r["results"][m]["metrics"][key]
                               - r["results"]["sft_warmup"]["metrics"][key]
-                              for r in reports if m in r["results"]]) for key in METRICS}
+                              for r in reports if m in r["results"]]) for key in keys}
              for m in methods if m != "sft_warmup"}
-    held = {}
-    for key in METRICS:
-        held[key] = [all(r["results"][a]["metrics"][key] > r["results"][b]["metrics"][key]
-                         for a, b in zip(ORDER, ORDER[1:])) for r in reports]
-    held_sft = {key: [all(r["results"][a]["metrics"][key] > r["results"][b]["metrics"][key]
-                          for a, b in zip(ISSUE_ORDER, ISSUE_ORDER[1:]))
-                      for r in reports if all(m in r["results"] for m in ISSUE_ORDER)]
-                for key in METRICS}
+    # an ordering whose methods a run did not train is reported as [] (no seed to judge)
+    held = {key: _order_held(reports, ORDER, key) for key in METRICS}
+    held_sft = {key: _order_held(reports, ISSUE_ORDER, key) for key in METRICS}
     # each seed's own paired bootstrap interval of the gain (reports of demos that have them)
     intervals = {m: [r["results"][m].get("gain_over_base") for r in reports if m in r["results"]]
                  for m in methods if m != "sft_warmup"}

@@ -49,6 +49,24 @@ def test_aggregates_reports_into_one_json(tmp_path):
     assert out["perpo_gt_dpo_gt_sft_per_seed"]["mean_iou"] == [True, True]
 
 
+def test_m3po_reports_without_dpo_aggregate_pope_f1(tmp_path):
+    """The M3PO comparison trains no plain `dpo`: the orderings have no seed to judge, and
+    shapes-POPE F1 (in every row of these reports) is aggregated like the other metrics."""
+    paths = []
+    for seed, (warm, m3po) in enumerate([(0.5, 0.7), (0.6, 0.65)]):
+        results = {m: {"metrics": {"acc@0.5": 0.1, "mean_iou": 0.2, "pope_f1": f1}}
+                   for m, f1 in (("sft_warmup", warm), ("m3po", m3po))}
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps({"results": results, "seconds": 1.0}))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--reports", *map(str, paths)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["methods"]["m3po"]["pope_f1"]["mean"] == pytest.approx(0.675)
+    assert out["gain_over_sft_warmup"]["m3po"]["pope_f1"]["values"] == pytest.approx([0.2, 0.05])
+    assert out["perpo_gt_dpo_gt_sft_per_seed"] == {"acc@0.5": [], "mean_iou": []}
+
+
 def test_seeds_align_from_a_given_base(tmp_path):
     sys.path.insert(0, str(SCRIPT.parent))
     try:
