@@ -15,11 +15,11 @@ dotted overrides `section.key=value`. A config error exits with status 2 and one
 the key; other user errors (missing files, bad checkpoints or data) exit 1 with their message.
 Heavy modules (jax, transformers, TFDS) are imported inside the subcommands, so `--help` is fast.
 
-Paths are resolved once, here: `--checkpoint`, `--out`, `--from-hf` and the config's path keys
-(`PATH_KEYS`) are made absolute against the working directory before anything runs, so a
-relative path means the same to orbax and TFDS, and in the config saved with a run. A gs:// URL
-(`train.out_dir`, `checkpoint.dir`, `--checkpoint`, `export`/`convert --out`) is kept as written
-and checked in its bucket (`perpo_jax.storage`).
+Paths are resolved once, at this edge (`perpo_jax.cli_paths`): `--checkpoint`, `--out`,
+`--from-hf` and the config's path keys are made absolute against the working directory before
+anything runs, so a relative path means the same to orbax and TFDS, and in the config saved
+with a run. A gs:// URL (`train.out_dir`, `checkpoint.dir`, `--checkpoint`,
+`export`/`convert --out`) is kept as written and checked in its bucket (`perpo_jax.storage`).
 
 `export` / `convert` replace their `--out` directory. A non-empty `--out` is refused unless
 `--overwrite` is given; an `--out` that is, contains or lies inside the checkpoint, the run dir
@@ -34,18 +34,16 @@ import json
 import os
 import sys
 
+from perpo_jax.cli_paths import (
+    OutDirError,
+    absolute,
+    check_checkpoint,
+    check_out_dir,
+    protected_paths,
+    resolve_args,
+    resolve_paths,
+)
 from perpo_jax.config import Config, ConfigError, config_from_dict, load_config
-
-# Config keys holding paths, made absolute against the working directory by `resolve_paths`.
-PATH_KEYS = ("train.out_dir", "checkpoint.dir", "data.data_dir", "data.path", "data.image_dir",
-             "data.tokenizer", "model.hf_path")
-# Command-line arguments holding paths (same treatment).
-PATH_ARGS = ("checkpoint", "out", "from_hf")
-
-
-class OutDirError(ValueError):
-    """An `--out` that would overwrite something without --overwrite, or destroy an input."""
-
 
 # Exceptions a user causes (their message names the thing), by defining module: only those of
 # modules already imported can have been raised, so matching imports nothing heavy.
@@ -60,99 +58,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     loaded = tuple(getattr(sys.modules[module], name) for module, name in _USER_ERRORS
                    if module in sys.modules)
     return (FileNotFoundError, OutDirError) + loaded
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def _absolute(path: str) -> str:
-    from perpo_jax.atomic import is_url
-
-    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
-
-
-def resolve_paths(cfg: Config) -> Config:
-    """`cfg` with every `PATH_KEYS` value made absolute against the working directory."""
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is not None:
-            setattr(getattr(cfg, section), name, _absolute(value))
-    return cfg
-
-
-def _resolve_args(args) -> None:
-    """Makes the `PATH_ARGS` absolute; a missing --checkpoint / --from-hf dir is an error
-    here, before any heavy import or work."""
-    for name in PATH_ARGS:
-        if getattr(args, name, None):
-            setattr(args, name, _absolute(getattr(args, name)))
-    from perpo_jax import storage
-
-    for name in ("checkpoint", "from_hf"):
-        path = getattr(args, name, None)
-        if path is not None and not storage.isdir(path):  # gs:// too
-            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such directory")
-
-
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def check_out_dir(out: str, protected: dict[str, str | None], overwrite: bool) -> None:
-    """Refuses (OutDirError) an `--out` that is, contains or lies inside a `protected` path
-    ({what: path}), whatever `overwrite` says, and a non-empty one unless `overwrite`.
-    A gs:// URL is compared as written (no realpath) and checked in its bucket."""
-    from perpo_jax import storage
-
-    def real_path(path: str) -> str:
-        return path.rstrip("/") if storage.is_url(path) else os.path.realpath(path)
-
-    real = real_path(out)
-    for what, path in protected.items():
-        if path is None:
-            continue
-        guarded = real_path(path)
-        relation = ("is" if real == guarded else "contains" if _within(guarded, real)
-                    else "lies inside" if _within(real, guarded) else None)
-        if relation is not None:
-            raise OutDirError(f"--out {out} {relation} the {what} {path}: choose a directory "
-                              "outside it (refused even with --overwrite)")
-    if storage.is_url(out):  # a prefix with objects under it, or an object of that name
-        occupied = storage.isdir(out) or storage.isfile(out)
-    else:
-        occupied = os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out))
-    if occupied:
-        if not overwrite:
-            raise OutDirError(f"--out {out} exists and is not an empty directory: pass "
-                              "--overwrite to replace it")
-
-
-def _protected(cfg: Config, **inputs: str | None) -> dict[str, str | None]:
-    """What an --out must never touch: the command's inputs + the config's run and data."""
-    return {**inputs,
-            "run dir (train.out_dir)": cfg.train.out_dir,
-            "checkpoint dir (checkpoint.dir)": cfg.checkpoint.dir,
-            "data dir (data.data_dir)": cfg.data.data_dir,
-            "data file (data.path)": cfg.data.path,
-            "image dir (data.image_dir)": cfg.data.image_dir,
-            "base model (model.hf_path)": cfg.model.hf_path}
-
-
-def _check_checkpoint(path: str) -> None:
-    """One-line error unless `path` holds a training checkpoint (root or step dir) or a
-    converted params checkpoint; runs before any dataset, directory or orbax thread exists
-    (`_resolve_args` has already refused a missing dir)."""
-    from perpo_jax import storage
-    from perpo_jax.checkpoint import STATE_ITEM
-    from perpo_jax.hf import CheckpointError
-    from perpo_jax.restore import is_params_checkpoint
-
-    steps = [n for n in storage.listdir(path)
-             if n.isdigit() and storage.isdir(os.path.join(path, n, STATE_ITEM))]
-    if not (steps or storage.isdir(os.path.join(path, STATE_ITEM)) or is_params_checkpoint(path)):
-        raise CheckpointError(f"--checkpoint {path}: not a checkpoint (no finalised step "
-                              f"<N>/{STATE_ITEM}, no {STATE_ITEM}/, no params/ + config.json)")
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -226,7 +131,7 @@ def cmd_sample(args) -> int:
 
     cfg = _load(args)
     if args.checkpoint is not None:
-        _check_checkpoint(args.checkpoint)
+        check_checkpoint(args.checkpoint)
     mesh, data = _setup(cfg)
     source = split_source(data, _split(args, data, cfg), cfg.data.source)
     examples = [record_example(source[i]) for i in range(min(args.num_prompts, len(source)))]
@@ -262,7 +167,7 @@ def cmd_eval(args) -> int:
 
     cfg = _load(args)
     if args.checkpoint is not None:
-        _check_checkpoint(args.checkpoint)
+        check_checkpoint(args.checkpoint)
     mesh, data = _setup(cfg)
     split = _split(args, data, cfg)
     split_source(data, split, cfg.data.source)  # a missing split fails before the model is built
@@ -279,7 +184,7 @@ def cmd_pope(args) -> int:
 
     cfg = _load(args)
     if args.checkpoint is not None:
-        _check_checkpoint(args.checkpoint)
+        check_checkpoint(args.checkpoint)
     report = run_pope(cfg, args.checkpoint, args.pope_dir, args.image_dir, limit=args.limit,
                       parser=args.parser)
     if args.out:
@@ -333,9 +238,9 @@ def _to_hf(args, *, merge: bool) -> int:
 
     if args.checkpoint is None:
         raise ConfigError("--checkpoint: required")
-    _check_checkpoint(args.checkpoint)
+    check_checkpoint(args.checkpoint)
     cfg = _run_config(args, args.checkpoint)
-    check_out_dir(args.out, _protected(cfg, checkpoint=args.checkpoint), args.overwrite)
+    check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint), args.overwrite)
     mesh = build_mesh(cfg)
     if is_params_checkpoint(args.checkpoint):
         model, source_dir = model_from_checkpoint(cfg, args.checkpoint, mesh, None), args.checkpoint
@@ -358,7 +263,7 @@ def _from_hf(args) -> int:
     from perpo_jax.models.config import as_jnp_dtype
 
     cfg = _load(args)
-    check_out_dir(args.out, _protected(cfg, **{"source model (--from-hf)": args.from_hf}),
+    check_out_dir(args.out, protected_paths(cfg, **{"source model (--from-hf)": args.from_hf}),
                   args.overwrite)
     model = load_pretrained(args.from_hf, dtype=as_jnp_dtype(cfg.model.dtype), mesh=build_mesh(cfg))
     out = save_params_checkpoint(model, args.out, source_dir=args.from_hf)
@@ -397,7 +302,7 @@ def cmd_train(args) -> int:
 def cmd_plan(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.model.hf_path is not None:
-        cfg.model.hf_path = _absolute(cfg.model.hf_path)
+        cfg.model.hf_path = absolute(cfg.model.hf_path)
     if args.devices < 1 or args.hbm_gib <= 0:
         raise ConfigError("--devices must be >= 1 and --hbm-gib > 0")
     if args.compile and "jax" not in sys.modules:
@@ -612,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
-        _resolve_args(args)
+        resolve_args(args)
         return args.func(args)
     except ConfigError as e:
         print(f"perpo-jax {args.command}: config error: {e}", file=sys.stderr)

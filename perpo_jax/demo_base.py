@@ -131,7 +131,7 @@ def train_base(cfg: Config, out_dir: str, *, command: list[str], overwrite: bool
     LLaVA, evaluated on the first eval.num_examples val examples and written to `out_dir` as
     a base (`write_base`). The SFT run itself (checkpoints, curves) goes to
     <train.out_dir>/base_sft, started fresh. Returns the card."""
-    from perpo_jax.cli import _protected, check_out_dir, resolve_paths
+    from perpo_jax.cli_paths import check_out_dir, protected_paths, resolve_paths
     from perpo_jax.data import prepare
     from perpo_jax.demo import sft_config
     from perpo_jax.demo_report import example_scores
@@ -141,7 +141,7 @@ def train_base(cfg: Config, out_dir: str, *, command: list[str], overwrite: bool
 
     cfg = resolve_paths(cfg)
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    check_out_dir(out_dir, _protected(cfg), overwrite)  # before any work: refuse early
+    check_out_dir(out_dir, protected_paths(cfg), overwrite)  # before any work: refuse early
     run_dir = os.path.join(cfg.train.out_dir, "base_sft")
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh SFT, never a resumed one
     start = time.perf_counter()

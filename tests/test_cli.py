@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from perpo_jax import cli
+from perpo_jax import cli, cli_paths
 from perpo_jax.atomic import current_umask
 
 CLI_SCRIPT = os.path.join(os.path.dirname(sys.executable), "perpo-jax")
@@ -59,9 +59,9 @@ def test_every_argument_has_help_and_train_help_says_modes_and_outputs():
 
 def test_config_paths_are_made_absolute_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    overrides = [f"{key}=rel/{key}" for key in cli.PATH_KEYS]
+    overrides = [f"{key}=rel/{key}" for key in cli_paths.PATH_KEYS]
     cfg = cli._load(argparse.Namespace(config=None, overrides=overrides))
-    for key in cli.PATH_KEYS:
+    for key in cli_paths.PATH_KEYS:
         section, name = key.split(".")
         assert getattr(getattr(cfg, section), name) == str(tmp_path / "rel" / key)
 

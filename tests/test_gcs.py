@@ -112,7 +112,8 @@ def test_tiny_run_on_gs_writes_what_a_resume_reads_and_exports(gcs, shared, tmp_
 
     from perpo_jax import storage
     from perpo_jax.checkpoint import Checkpointer
-    from perpo_jax.cli import _check_checkpoint, _resolve_args, _saved_config
+    from perpo_jax.cli import _saved_config
+    from perpo_jax.cli_paths import check_checkpoint, resolve_args
     from perpo_jax.hf import load_pretrained, save_pretrained
     from perpo_jax.restore import _train_state_dir
     from perpo_jax.train.listset import ListSet
@@ -142,8 +143,8 @@ def test_tiny_run_on_gs_writes_what_a_resume_reads_and_exports(gcs, shared, tmp_
     assert [r["step"] for r in RunLog(out).records()] == [0, 1]
     assert {e.step for e in EventsFile(f"{out}/tb/{EVENTS_FILE}").events()} == {0, 1}
 
-    _resolve_args(type("Args", (), {"checkpoint": ckpt, "out": "gs://bkt/x", "from_hf": None})())
-    _check_checkpoint(ckpt)
+    resolve_args(type("Args", (), {"checkpoint": ckpt, "out": "gs://bkt/x", "from_hf": None})())
+    check_checkpoint(ckpt)
     assert _saved_config(ckpt)["train"]["out_dir"] == out
     hf = "gs://bkt/exports/tiny"
     save_pretrained(result.model, hf)
@@ -167,7 +168,7 @@ def test_interrupted_gs_writes_are_refused(gcs, monkeypatch):
 
     from perpo_jax import storage
     from perpo_jax.atomic import atomic_dir, atomic_file
-    from perpo_jax.cli import OutDirError, check_out_dir
+    from perpo_jax.cli_paths import OutDirError, check_out_dir
     from perpo_jax.hf import load_pretrained
     from perpo_jax.train.listset import ListSet
 
