@@ -14,6 +14,7 @@ from perpo_jax.rewards import (DROP_REASONS, REWARDS, build_lists, get_reward, i
                                levenshtein, ocr_rewards, parse_box, register_reward,
                                spread_indices)
 from perpo_jax.rewards.boxes import box_from_frame, box_iou, box_to_frame
+from perpo_jax.rewards import ocr as ocr_module
 from perpo_jax.rewards.ocr import levenshtein_batch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -233,6 +234,86 @@ def test_levenshtein_batch_multiword_vs_python_dp():
 def test_levenshtein_batch_hypothesis_vs_python_dp(pairs):
     got = levenshtein_batch([x for x, _ in pairs], [y for _, y in pairs])
     assert got.tolist() == [python_levenshtein(x, y) for x, y in pairs]
+
+
+def numpy_levenshtein_column(a, b):
+    """``[len(a) + 1]``: D(a[:i], b) for every i, by the textbook DP one row (of b) at a time;
+    the in-row insertion chain is a running minimum of ``D - j`` (independent of ocr.py)."""
+    a, b = np.array([ord(c) for c in a]), np.array([ord(c) for c in b])
+    j = np.arange(len(b) + 1)
+    row, column = j.copy(), [len(b)]
+    for i in range(1, len(a) + 1):
+        diag = row[:-1] + (b != a[i - 1])
+        cur = np.concatenate([[i], np.minimum(row[1:] + 1, diag)])
+        row = np.minimum.accumulate(cur - j) + j
+        column.append(row[-1])
+    return np.array(column)
+
+
+def _edited(rng, text, rate, alphabet):
+    """``text`` with substitutions, deletions and insertions, each at ``rate``."""
+    out = []
+    for c in text:
+        u = rng.random()
+        if u < rate:
+            continue
+        out.append(rng.choice(alphabet) if u < 2 * rate else c)
+        if u > 1 - rate:
+            out.append(rng.choice(alphabet))
+    return "".join(out)
+
+
+def test_last_column_banded_is_exact_within_the_band():
+    """The banded pass: every row of the last column is >= the true D(x[:i], y) and equals it
+    wherever it is <= the band, for bands from len(x) - len(y) up to the full matrix."""
+    rng = random.Random(5)
+    alphabet = "abcdef \nαβ日"
+    pairs = []
+    for size in (70, 130, 300, 420):
+        x = "".join(rng.choice(alphabet) for _ in range(size))
+        y = _edited(rng, x, 0.04, alphabet) if size != 130 else x[:90]
+        x, y = (x, y) if len(x) >= len(y) else (y, x)
+        pairs.append((x, y))
+    words = -(-max(len(x) for x, _ in pairs) // 64)
+    want = [numpy_levenshtein_column(x, y) for x, y in pairs]
+    x, y = pairs[0]
+    assert [want[0][i] for i in (0, 33, len(x))] == [python_levenshtein(x[:i], y)
+                                                     for i in (0, 33, len(x))]
+    for extra in (0, 7, 40, 100, 10**6):
+        band = max(len(x) - len(y) for x, y in pairs) + extra
+        got = ocr_module._last_column([ocr_module._code_points(x) for x, _ in pairs],
+                                      [ocr_module._code_points(y) for _, y in pairs], words, band)
+        for (x, _), column, truth in zip(pairs, got, want):
+            column = column[:len(x) + 1]
+            assert np.all(column >= truth), band
+            exact = column <= band
+            np.testing.assert_array_equal(column[exact], truth[exact])
+            assert exact[len(x)] == (truth[len(x)] <= band)  # the distance itself
+        if extra == 10**6:
+            assert all(np.array_equal(c[:len(x) + 1], t) for (x, _), c, t in zip(pairs, got, want))
+
+
+def test_levenshtein_batch_long_pages_split_and_banded(monkeypatch):
+    """Pages long enough to be split at the middle column (forward + reversed halves) and run
+    in a band, with pairs whose first band is too narrow (unrelated texts: run again with
+    wider bands) in the same call; checked against the numpy DP."""
+    rng = random.Random(6)
+    alphabet = "abcdefgh ijk\n,.éß語"
+    a, b = [], []
+    for size, rate in ((300, 0.01), (520, 0.05), (700, 0.1), (260, None), (600, None)):
+        x = "".join(rng.choice(alphabet) for _ in range(size))
+        y = ("".join(rng.choice(alphabet) for _ in range(size - 40)) if rate is None
+             else _edited(rng, x, rate, alphabet))
+        a.append("@" + x + "@")  # no common prefix/suffix to strip
+        b.append("%" + y + "%")
+    bands = []
+    real = ocr_module._last_column
+    monkeypatch.setattr(ocr_module, "_last_column",
+                        lambda p, t, w, band: bands.append(band) or real(p, t, w, band))
+    got = levenshtein_batch(a, b)
+    assert got.tolist() == [numpy_levenshtein_column(x, y)[-1] for x, y in zip(a, b)]
+    assert levenshtein_batch(b, a).tolist() == got.tolist()
+    assert min(bands) < 300 and len(bands) > 1  # banded, and some pairs ran again
 
 
 def test_ocr_rewards_values():
