@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from timing import machine_info
 
 METRICS = ("acc@0.5", "mean_iou")
 OPTIONAL_METRICS = ("pope_f1",)
@@ -108,8 +109,7 @@ def main(argv=None) -> dict:
             walls.append(wall)
     reports = [json.loads(path.read_text()) for path in paths]
     out = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": machine_info(),
         "reports": [str(p) for p in paths],
         "base": args.base,
         "demo_seconds": walls or [r.get("seconds") for r in reports],

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from timing import machine_info
 
 # name -> overrides; "baseline" is the config's own recipe
 SETTINGS = {
@@ -84,8 +84,7 @@ def summary(lines: list[dict]) -> dict:
     return {"summary": True, "settings": [line["setting"] for line in lines],
             "best_by_method": {m: {k: v for k, v in b.items() if k != "score"}
                                for m, b in best.items()},
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "python": platform.python_version()}}
+            "machine": machine_info()}
 
 
 def _named_reports(items: list[str]) -> list[tuple[str, Path]]:

@@ -41,12 +41,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import sys
 import tempfile
 import time
+
+from timing import cpu_cores, log, machine_info, time_interleaved
+from torch_step import build_torch
 
 BETA, GAMMA = 0.1, 0.5  # the paper's PerPO hyper-parameters
 
@@ -91,10 +90,6 @@ def parse_args(argv=None):
     if args.anyres and args.anyres_image is None:
         args.anyres_image = [2 * args.image_size, 2 * args.image_size]
     return args
-
-
-def log(msg: str):
-    print(f"[list_step] {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- model + batch
@@ -440,118 +435,7 @@ def ours_runner(variant, batch):
     return once
 
 
-# ----------------------------------------------------------------------------- PyTorch
-
-
-def perpo_loss_torch(s, rewards):
-    """PerPO loss of one list: −Σ_{R_i>R_j} w_ij log σ(β(s_i − s_j)), w ∝ (R_i − R_j)^γ."""
-    import torch
-
-    gap = rewards[:, None] - rewards[None, :]
-    ordered = gap > 0
-    weight = torch.where(ordered, gap.clamp(min=0) ** GAMMA, torch.zeros_like(gap))
-    weight = weight / weight.sum()
-    pair = torch.nn.functional.logsigmoid(BETA * (s[:, None] - s[None, :]))
-    return -(weight * pair).sum()
-
-
-def build_torch(model_dir, batch_np, args):
-    """transformers LLaVA (LLaVA-NeXT with anyres) from our export + the naive list step;
-    returns (step fn, initial logps)."""
-    import numpy as np
-    import torch
-    import transformers
-
-    torch.manual_seed(args.seed)
-    anyres = "image_sizes" in batch_np
-    cls = (transformers.LlavaNextForConditionalGeneration if anyres
-           else transformers.LlavaForConditionalGeneration)
-    hf = cls.from_pretrained(model_dir, dtype=torch.float32)
-    hf.train()  # all dropouts are 0 in these configs; train mode as a trainer would run it
-    k, r = batch_np["response_ids"].shape[1:]
-    prompt = np.repeat(batch_np["prompt_ids"], k, axis=0)  # [K, P]: image + prompt per copy
-    ids = torch.as_tensor(np.concatenate([prompt, batch_np["response_ids"][0]], axis=1), dtype=torch.long)
-    pixels = torch.as_tensor(np.repeat(batch_np["pixel_values"], k, axis=0))
-    images = {"pixel_values": pixels}
-    if anyres:  # [K, N, C, H, W] + [K, 2] (original height, width) per copy
-        images["image_sizes"] = torch.as_tensor(np.repeat(batch_np["image_sizes"], k, axis=0),
-                                                dtype=torch.long)
-    attention = torch.ones_like(ids)
-    # trl-style labels: log-softmax over every position, prompt labels masked out
-    labels = ids[:, 1:]
-    scored = torch.zeros_like(labels, dtype=torch.bool)
-    scored[:, -r:] = torch.as_tensor(batch_np["response_mask"][0])
-    rewards = torch.as_tensor(batch_np["rewards"][0])
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-    def summed_logps():
-        logits = hf(input_ids=ids, attention_mask=attention, **images).logits
-        token = logits[:, :-1].log_softmax(-1).gather(-1, labels[..., None])[..., 0]
-        return (token * scored).sum(-1)  # [K]
-
-    with torch.no_grad():
-        initial = summed_logps().numpy()
-    ref = torch.as_tensor(initial)  # reference = initial weights, precomputed like ours
-
-    def once():
-        opt.zero_grad(set_to_none=True)
-        loss = perpo_loss_torch(summed_logps() - ref, rewards)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt.step()
-        once.last_loss = float(loss.detach())
-
-    return once, initial
-
-
-# ----------------------------------------------------------------------------- timing + report
-
-
-def time_interleaved(runners: dict, repeats: int) -> dict:
-    """One untimed warm-up call each, then `repeats` rounds calling every runner in turn.
-
-    Interleaving spreads load from other processes on a shared machine over all variants.
-    Returns name -> {"first_s", "median_s", "min_s"}.
-    """
-    stats = {}
-    for name, fn in runners.items():
-        log(f"warm-up {name}")
-        start = time.perf_counter()
-        fn()
-        stats[name] = {"first_s": time.perf_counter() - start, "times": []}
-    for i in range(repeats):
-        log(f"round {i + 1}/{repeats}")
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            fn()
-            stats[name]["times"].append(time.perf_counter() - start)
-    return {name: {"first_s": round(st["first_s"], 4),
-                   "median_s": round(statistics.median(st["times"]), 4),
-                   "min_s": round(min(st["times"]), 4)} for name, st in stats.items()}
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def machine_info() -> dict:
-    import jax
-    import torch
-    import transformers
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpu_cores_usable": cpu_cores(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "num_devices_used": 1,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-    }
+# ----------------------------------------------------------------------------- report
 
 
 def config_report(cfg, args) -> dict:
@@ -588,7 +472,8 @@ def main(argv=None):
         torch_step = torch_initial = None
         if not args.no_torch:
             log("loading the export into transformers")
-            torch_step, torch_initial = build_torch(model_dir, batch_np, args)
+            torch_step, torch_initial = build_torch(model_dir, batch_np, seed=args.seed,
+                                                    beta=BETA, gamma=GAMMA)
     batch = ours["batch"]
     shared, naive = ours["variants"]["shared"], ours["variants"]["naive"]
     runners = {"ours_shared": ours_runner(shared, batch), "ours_naive": ours_runner(naive, batch)}
@@ -607,7 +492,7 @@ def main(argv=None):
     flops = flop_report(flop_dims(cfg, args))
     vs_torch = speedup("torch_naive", "ours_shared")
     result = {
-        "machine": machine_info(),
+        "machine": dict(machine_info(), num_devices_used=1),
         "config": config_report(cfg, args),
         **({"anyres": anyres_shape(cfg, args)} if is_anyres(args) else {}),
         "ours_shared_s": times["ours_shared"]["median_s"],

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -27,15 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 
 from perpo_jax.rewards import iou_rewards, ocr_rewards  # noqa: E402
 from perpo_jax.rewards.ocr import levenshtein_batch  # noqa: E402
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from timing import best_time, machine_info  # noqa: E402
 
 
 def grounding_inputs(n: int, rng: np.random.Generator):
@@ -111,12 +101,7 @@ def main() -> None:
         "iou_rewards_per_second": round(args.num_texts / iou_s),
         "ocr": ocr,
         "repeats": args.repeats,
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "numpy": np.__version__,
-        },
+        "machine": machine_info(),
     }))
 
 

@@ -33,13 +33,14 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
 from collections import Counter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from timing import machine_info  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PHASES = ("sampling", "decode_text", "rewards", "list_building", "reference", "update_steps",
@@ -216,16 +217,11 @@ def bench_shape(shape: str, args, work: str) -> dict:
 
 
 def main(argv=None):
-    import jax
-    import numpy as np
-
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or tmp
         result = {"args": vars(args), "shapes": {s: bench_shape(s, args, work) for s in args.shapes}}
-    result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                         "jax": jax.__version__, "jax_backend": jax.default_backend(),
-                         "numpy": np.__version__}
+    result["machine"] = machine_info()
     print(json.dumps(result))
 
 

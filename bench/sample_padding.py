@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -27,6 +25,7 @@ from flax import nnx
 from perpo_jax.data.batching import PROMPT_BUCKET, bucketed
 from perpo_jax.models import build_model, tiny_llava_config
 from perpo_jax.sampling import sample
+from timing import machine_info
 
 
 def parse_args():
@@ -121,9 +120,7 @@ def main():
     result["speedup_median_after_first"] = round(old / new, 2)
     result["total_speedup_incl_compiles"] = round(
         sum(stats["pad_to_max_prompt"]["seconds"]) / sum(stats["pad_to_bucketed_longest"]["seconds"]), 2)
-    result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                         "jax": jax.__version__, "backend": jax.default_backend(),
-                         "devices": len(jax.devices())}
+    result["machine"] = machine_info()
     print(json.dumps(result))
 
 

@@ -36,7 +36,8 @@ import tempfile
 BENCH = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # run from a checkout
 sys.path.insert(0, str(BENCH))
-import list_step  # noqa: E402  (model config, FLOP model, timer and machine block are shared)
+import list_step  # noqa: E402  (model config and FLOP model are shared)
+from timing import cpu_cores, machine_info, time_interleaved  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -155,7 +156,7 @@ def main(argv=None):
     from perpo_jax.models import LlavaModel
 
     args = parse_args(argv)
-    torch.set_num_threads(list_step.cpu_cores())
+    torch.set_num_threads(cpu_cores())
     cfg = list_step.model_config(args)
     ids, pixels = make_prompts(cfg, args)
     model = LlavaModel(cfg, rngs=nnx.Rngs(args.seed))
@@ -184,7 +185,7 @@ def main(argv=None):
                                                 new_tokens=args.new_tokens)
             runners["transformers_prefill"] = hf_runner(hf, ids, pixels, args, greedy=greedy,
                                                         new_tokens=1)
-        times = list_step.time_interleaved(runners, args.repeats)
+        times = time_interleaved(runners, args.repeats)
         names = ["ours_shared", "ours_repeated"] + (["transformers"] if hf is not None else [])
         rep = {name: split_report(times[name], times[name + "_prefill"], tokens, args.new_tokens)
                for name in names}
@@ -205,7 +206,7 @@ def main(argv=None):
                 agree = runners["ours_shared"].tokens == runners["transformers"].tokens
                 rep["greedy_token_agreement_vs_transformers"] = round(float(agree.mean()), 4)
         result["modes"][mode] = rep
-    result["machine"] = list_step.machine_info()
+    result["machine"] = machine_info()
     print(json.dumps(result))
 
 

@@ -116,4 +116,4 @@ def test_sweep_tiny_plan_and_report_summary(tmp_path):
     assert lines[1]["methods"]["perpo"]["gain"]["mean"] == pytest.approx(0.06)
     assert lines[1]["methods"]["perpo"]["image_gap"] == pytest.approx(0.41)
     assert summary["best_by_method"]["perpo"]["setting"] == "beta=0.3"
-    assert summary["machine"]["cpus"] >= 1
+    assert summary["machine"]["cpu_count"] >= 1

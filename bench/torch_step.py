@@ -1,0 +1,64 @@
+"""The PyTorch side of bench/list_step.py: the same list step done the naive way with
+transformers (K copies of the prompt, logits at every position, trl-style labels), as a
+PyTorch user would run it; AdamW and clipping as ours."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+
+def perpo_loss_torch(s, rewards, beta: float, gamma: float):
+    """PerPO loss of one list: −Σ_{R_i>R_j} w_ij log σ(β(s_i − s_j)), w ∝ (R_i − R_j)^γ."""
+    gap = rewards[:, None] - rewards[None, :]
+    ordered = gap > 0
+    weight = torch.where(ordered, gap.clamp(min=0) ** gamma, torch.zeros_like(gap))
+    weight = weight / weight.sum()
+    pair = torch.nn.functional.logsigmoid(beta * (s[:, None] - s[None, :]))
+    return -(weight * pair).sum()
+
+
+def build_torch(model_dir: str, batch_np: dict, *, seed: int, beta: float, gamma: float):
+    """transformers LLaVA (LLaVA-NeXT when the batch has image_sizes) loaded from our export
+    in `model_dir` + the naive list step on `batch_np` (bench/list_step.py's batch of one
+    list); returns (step fn, initial summed log-probs [K])."""
+    torch.manual_seed(seed)
+    anyres = "image_sizes" in batch_np
+    cls = (transformers.LlavaNextForConditionalGeneration if anyres
+           else transformers.LlavaForConditionalGeneration)
+    hf = cls.from_pretrained(model_dir, dtype=torch.float32)
+    hf.train()  # all dropouts are 0 in these configs; train mode as a trainer would run it
+    k, r = batch_np["response_ids"].shape[1:]
+    prompt = np.repeat(batch_np["prompt_ids"], k, axis=0)  # [K, P]: image + prompt per copy
+    ids = torch.as_tensor(np.concatenate([prompt, batch_np["response_ids"][0]], axis=1), dtype=torch.long)
+    pixels = torch.as_tensor(np.repeat(batch_np["pixel_values"], k, axis=0))
+    images = {"pixel_values": pixels}
+    if anyres:  # [K, N, C, H, W] + [K, 2] (original height, width) per copy
+        images["image_sizes"] = torch.as_tensor(np.repeat(batch_np["image_sizes"], k, axis=0),
+                                                dtype=torch.long)
+    attention = torch.ones_like(ids)
+    # trl-style labels: log-softmax over every position, prompt labels masked out
+    labels = ids[:, 1:]
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, -r:] = torch.as_tensor(batch_np["response_mask"][0])
+    rewards = torch.as_tensor(batch_np["rewards"][0])
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def summed_logps():
+        logits = hf(input_ids=ids, attention_mask=attention, **images).logits
+        token = logits[:, :-1].log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+        return (token * scored).sum(-1)  # [K]
+
+    with torch.no_grad():
+        initial = summed_logps().numpy()
+    ref = torch.as_tensor(initial)  # reference = initial weights, precomputed like ours
+
+    def once():
+        opt.zero_grad(set_to_none=True)
+        loss = perpo_loss_torch(summed_logps() - ref, rewards, beta, gamma)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        once.last_loss = float(loss.detach())
+
+    return once, initial
