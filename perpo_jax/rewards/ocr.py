@@ -23,9 +23,11 @@ import numpy as np
 _WORD = 64
 _ONE = np.uint64(1)
 _TOP = np.uint64(63)
-_CHUNK_PAIRS = 512  # pairs run together (bounds the working set of one step)
+_CHUNK_PAIRS = 512  # pairs run together (bounds the working set of one step; <= 2,048)
 _SPLIT_COLUMNS = 256  # texts at least this long are split in two (meet in the middle)
 _FAR = 1 << 40  # "no value": rows outside the band; sums of two stay far from overflow
+_BAG_BUCKETS = 256  # character buckets of the band's first guess (`_first_bands`)
+_PEQ_BOOL_BYTES = 1 << 26  # largest Peq table built as bools before packing (64 MiB)
 _EQ_BLOCK = 64  # steps whose Eq words are gathered at once
 
 
@@ -57,29 +59,35 @@ def _last_column(patterns: list[np.ndarray], texts: list[np.ndarray], words: int
     the columns the band reaches; the cells outside read upper bounds (the row above the band
     grows by 1 per column, a word entering the band starts as +1 per row), so every value is
     >= the true one and equal to it when an optimal path to the cell stays inside the band
-    (always when the value is <= ``band``). ``band >= max(len)`` is the full matrix. ``Peq[c]`` has bit ``i`` set where the pattern's character ``i`` is ``c``;
-    characters are keyed per pair (``pair << 21 | code point``) so one table serves the group.
+    (always when the value is <= ``band``). ``band >= max(len)`` is the full matrix.
+    ``Peq[c]`` has bit ``i`` set where the pattern's character ``i`` is ``c``; characters are
+    keyed per pair (``pair << 21 | code point``, uint32: at most 2,048 pairs) so one table
+    serves the group.
     """
     n_pairs = len(patterns)
     lengths = np.array([len(p) for p in patterns])
     text_len = np.array([len(t) for t in texts])
     columns = int(text_len.max())
-    # ---- Peq table over the group's (pair, character) keys; row `n_keys` is all zeros
-    pair_of = np.repeat(np.arange(n_pairs, dtype=np.uint64), lengths)
-    keys = (pair_of << np.uint64(21)) | np.concatenate(patterns).astype(np.uint64)
+    # ---- Peq table over the group's (pair, character) keys, text characters included (their
+    # rows stay zero where the pattern lacks them); row `n_keys` is all zeros (padding)
+    pair_of = np.repeat(np.arange(n_pairs, dtype=np.uint32), lengths)
+    text_pair = np.repeat(np.arange(n_pairs, dtype=np.uint32), text_len)
+    keys = np.concatenate([(pair_of << np.uint32(21)) | np.concatenate(patterns),
+                           (text_pair << np.uint32(21)) | np.concatenate(texts)])
     uniq, key_row = np.unique(keys, return_inverse=True)
-    bits = np.zeros((len(uniq) + 1, words * _WORD), np.bool_)
-    bits[key_row, np.concatenate([np.arange(m) for m in lengths])] = True
-    peq = np.packbits(bits, axis=1, bitorder="little").view("<u8").astype(np.uint64)
-    # ---- texts left-aligned, `words` zero columns on either side (they read the zero row)
     zero = len(uniq)
+    rows_p, bit = key_row[:len(pair_of)], np.concatenate([np.arange(m) for m in lengths])
+    if (zero + 1) * words * _WORD <= _PEQ_BOOL_BYTES:  # a bool table packed: fastest
+        bits = np.zeros((zero + 1, words * _WORD), np.bool_)
+        bits[rows_p, bit] = True
+        peq = np.packbits(bits, axis=1, bitorder="little").view("<u8").astype(np.uint64)
+    else:  # many distinct characters (CJK pages): OR the bits in, 1/8 of the memory
+        peq = np.zeros((zero + 1, words), np.uint64)
+        np.bitwise_or.at(peq, (rows_p, bit // _WORD), _ONE << (bit % _WORD).astype(np.uint64))
+    # ---- texts left-aligned, `words` zero columns on either side (they read the zero row)
     row = np.full((n_pairs, words + columns + words), zero, np.int64)
-    text_pair = np.repeat(np.arange(n_pairs), text_len)
-    text_keys = (text_pair.astype(np.uint64) << np.uint64(21)) | np.concatenate(texts).astype(
-        np.uint64)
-    pos = np.minimum(np.searchsorted(uniq, text_keys), zero - 1)
-    text_col = np.arange(len(text_keys)) - np.repeat(np.cumsum(text_len) - text_len, text_len)
-    row[text_pair, words + text_col] = np.where(uniq[pos] == text_keys, pos, zero)
+    text_col = np.arange(len(text_pair)) - np.repeat(np.cumsum(text_len) - text_len, text_len)
+    row[text_pair, words + text_col] = key_row[len(pair_of):]
     # wavefront: at step t word w works on column t - w, so a word's carry and shifted-out
     # bits come from the word above one step earlier and no step waits on a carry chain.
     # diag[t, w, p] = flat Peq index (row * words + w) of pair p's column t - w, word w.
@@ -209,7 +217,8 @@ def levenshtein_batch(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         if len(y) == 0:
             out[i] = len(x)
             continue
-        todo.append((i, x, y, _first_band(x, y)))
+        todo.append((i, x, y))
+    todo = [(i, x, y, band) for (i, x, y), band in zip(todo, _first_bands(todo))]
     # a pair whose banded distance exceeds its band is run again with twice the band; the
     # band reaching len(x) is the full matrix, so every pair ends exact
     while todo:
@@ -265,18 +274,30 @@ def _rows(column: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([column[:n], np.full(max(0, n - len(column)), _FAR, np.int64)])
 
 
-def _first_band(x: np.ndarray, y: np.ndarray) -> int:
-    """The first band tried for a pair (x the longer): twice a cheap lower bound of the
-    distance plus a margin, at least len(x) - len(y), at most len(x) (the full matrix).
+def _first_bands(pairs: list[tuple[int, np.ndarray, np.ndarray]]) -> list[int]:
+    """The first band tried for each (index, x, y) pair (x the longer): three times a cheap
+    lower bound of its distance plus a word, at least len(x) - len(y), at most len(x) (the
+    full matrix). A noisy read of a page has a distance ~1.5-3 times the bound.
 
-    The bound is the bag distance: len(x) minus the characters the two share as multisets
-    (each edit fixes at most one). A noisy read of a page has a distance ~1.5-3 times it.
+    The bound is the bag distance over characters hashed into `_BAG_BUCKETS` buckets:
+    len(x) minus what the two share as multisets of buckets (each edit fixes at most one
+    character; merging characters only raises what they share, so it stays a lower bound).
+    Counted for all pairs at once.
     """
-    chars, index = np.unique(np.concatenate([x, y]), return_inverse=True)
-    shared = np.minimum(np.bincount(index[:len(x)], minlength=len(chars)),
-                        np.bincount(index[len(x):], minlength=len(chars))).sum()
-    bag = len(x) - int(shared)
-    return int(min(len(x), max(len(x) - len(y), 3 * bag + _WORD)))
+    if not pairs:
+        return []
+    x_len = np.array([len(x) for _, x, _ in pairs])
+    y_len = np.array([len(y) for _, _, y in pairs])
+
+    def histogram(strings: list[np.ndarray], lengths: np.ndarray) -> np.ndarray:
+        pair = np.repeat(np.arange(len(pairs)), lengths)
+        bucket = pair * _BAG_BUCKETS + np.concatenate(strings) % _BAG_BUCKETS
+        return np.bincount(bucket, minlength=len(pairs) * _BAG_BUCKETS).reshape(len(pairs), -1)
+
+    shared = np.minimum(histogram([x for _, x, _ in pairs], x_len),
+                        histogram([y for _, _, y in pairs], y_len)).sum(axis=1)
+    bag = x_len - shared
+    return np.minimum(x_len, np.maximum(x_len - y_len, 3 * bag + _WORD)).tolist()
 
 
 def _chunks(order: list[int], jobs: list) -> list[list[int]]:
