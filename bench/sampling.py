@@ -70,10 +70,6 @@ def parse_args(argv=None):
     return args
 
 
-def log(msg: str):
-    print(f"[sampling] {msg}", file=sys.stderr, flush=True)
-
-
 def make_prompts(cfg, args):
     """[B, P] prompts: BOS, the image tokens, text; and [B, 3, H, W] pixels (numpy)."""
     import numpy as np
