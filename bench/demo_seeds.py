@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from timing import machine_info
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, however run
+from timing import machine_info  # noqa: E402
 
 METRICS = ("acc@0.5", "mean_iou")
 OPTIONAL_METRICS = ("pope_f1",)

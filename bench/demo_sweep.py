@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from timing import machine_info
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, however run
+from timing import machine_info  # noqa: E402
 
 # name -> overrides; "baseline" is the config's own recipe
 SETTINGS = {

@@ -41,11 +41,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from timing import cpu_cores, log, machine_info, time_interleaved
-from torch_step import build_torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, however run
+from timing import cpu_cores, log, machine_info, time_interleaved  # noqa: E402
+from torch_step import build_torch  # noqa: E402
 
 BETA, GAMMA = 0.1, 0.5  # the paper's PerPO hyper-parameters
 

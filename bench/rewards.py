@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/ modules, however run
 
 from perpo_jax.rewards import iou_rewards, ocr_rewards  # noqa: E402
 from perpo_jax.rewards.ocr import levenshtein_batch  # noqa: E402

@@ -39,6 +39,7 @@ import time
 from collections import Counter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/ modules, however run
 
 from timing import machine_info  # noqa: E402
 

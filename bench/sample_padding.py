@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,7 +27,9 @@ from flax import nnx
 from perpo_jax.data.batching import PROMPT_BUCKET, bucketed
 from perpo_jax.models import build_model, tiny_llava_config
 from perpo_jax.sampling import sample
-from timing import machine_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, however run
+from timing import machine_info  # noqa: E402
 
 
 def parse_args():
