@@ -113,7 +113,7 @@ def _last_column(patterns: list[np.ndarray], texts: list[np.ndarray], words: int
     # that the band reaches there
     done_at: dict[int, tuple[list[int], list[int]]] = {}
     for p, (n, m) in enumerate(zip(text_len.tolist(), lengths.tolist())):
-        for w in range(-(-m // _WORD)):
+        for w in range(_words(m)):
             if first[w] <= n - 1 <= last[w]:
                 pairs_w = done_at.setdefault(n - 1 + w, ([], []))
                 pairs_w[0].append(p)
@@ -140,7 +140,7 @@ def _last_column(patterns: list[np.ndarray], texts: list[np.ndarray], words: int
     for t, lo, hi in zip(range(total), lo_at.tolist(), hi_at.tolist()):
         if t % _EQ_BLOCK == 0:  # Eq words of the next block of steps, gathered at once
             stop = min(t + _EQ_BLOCK, total) - 1
-            eq_lo, eq_hi = int(lo_at[t]), int(hi_at[stop])
+            eq_lo, eq_hi = lo, int(hi_at[stop])
             eq = np.take(peq_flat, diag[t:stop + 1, eq_lo:eq_hi] + word_index[eq_lo:eq_hi])
         k = hi - lo
         if k <= 0:
@@ -259,9 +259,9 @@ def _run_jobs(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[np.ndarray
     """Each job's last column, rows 0 .. len(pattern), in job order; jobs run in groups
     (`_chunks`)."""
     columns: list[np.ndarray] = [np.empty(0)] * len(jobs)
-    for group in _chunks(list(range(len(jobs))), jobs):
+    for group in _chunks(jobs):
         band = max(jobs[j][2] for j in group)
-        words = -(-max(len(jobs[j][0]) for j in group) // _WORD)
+        words = _words(max(len(jobs[j][0]) for j in group))
         column = _last_column([jobs[j][0] for j in group], [jobs[j][1] for j in group],
                               words, band)
         for row, j in enumerate(group):
@@ -300,16 +300,21 @@ def _first_bands(pairs: list[tuple[int, np.ndarray, np.ndarray]]) -> list[int]:
     return np.minimum(x_len, np.maximum(x_len - y_len, 3 * bag + _WORD)).tolist()
 
 
-def _chunks(order: list[int], jobs: list) -> list[list[int]]:
+def _words(length: int) -> int:
+    """64-row words a pattern of `length` characters needs."""
+    return -(-length // _WORD)
+
+
+def _chunks(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[list[int]]:
     """Job indices grouped to run together: sorted by band then size, a group's bands and words
     at most twice its first's, at most `_CHUNK_PAIRS` jobs."""
-    order = sorted(order, key=lambda j: (jobs[j][2], len(jobs[j][0]), len(jobs[j][1])))
+    order = sorted(range(len(jobs)), key=lambda j: (jobs[j][2], len(jobs[j][0]), len(jobs[j][1])))
     groups, lo = [], 0
     while lo < len(order):
-        band, words = jobs[order[lo]][2], -(-len(jobs[order[lo]][0]) // _WORD)
+        band, words = jobs[order[lo]][2], _words(len(jobs[order[lo]][0]))
         hi = lo + 1
         while (hi < len(order) and hi - lo < _CHUNK_PAIRS and jobs[order[hi]][2] <= 2 * band
-               and -(-len(jobs[order[hi]][0]) // _WORD) <= 2 * words):
+               and _words(len(jobs[order[hi]][0])) <= 2 * words):
             hi += 1
         groups.append(order[lo:hi])
         lo = hi
