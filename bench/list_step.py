@@ -2,7 +2,7 @@
 
 At the paper's shape scaled down in width only (576 image tokens + 40 prompt tokens, K = 20
 responses of 24 tokens, a 4-layer decoder of hidden 256, a small CLIP tower at 336 px / patch
-14), all in one process:
+14):
 
 - ours, shared prefix: `perpo_jax.train.step.build_train_step(shared_prefix=True)` — the vision
   tower and the 616-token prefix run once per list, the K candidates attend to its K/V;
@@ -40,6 +40,7 @@ PyTorch variant (its fields are null).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -48,7 +49,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, however run
 from timing import cpu_cores, log, machine_info, time_interleaved  # noqa: E402
-from torch_step import build_torch  # noqa: E402
+from torch_process import TorchStepProcess  # noqa: E402
+
+from perpo_jax.host_memory import keep_host_memory  # noqa: E402
 
 BETA, GAMMA = 0.1, 0.5  # the paper's PerPO hyper-parameters
 
@@ -80,6 +83,10 @@ def parse_args(argv=None):
                    help="--anyres: original image height width (default 2 x 2 tiles, "
                         "672 672 at --image-size 336)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch variant")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc malloc as it is instead of `keep_host_memory()` (both sides)")
+    p.add_argument("--torch-in-process", action="store_true",
+                   help="run the PyTorch step in this process instead of a child process")
     args = p.parse_args(argv)
     if args.tiny:  # every dimension small; keeps the structure (CLIP "default", -2 layer)
         args.image_size, args.patch_size, args.prompt_text = 28, 14, 6
@@ -458,28 +465,58 @@ def config_report(cfg, args) -> dict:
                    "layers": v.num_layers, "hidden": v.hidden_size, "mlp": v.intermediate_size,
                    "heads": v.num_heads, "feature_layer": cfg.vision_feature_layer,
                    "strategy": cfg.vision_feature_select_strategy},
-        "repeats": args.repeats, "tiny": args.tiny, **extra,
+        "repeats": args.repeats, "tiny": args.tiny, "host_memory_kept": args.host_memory_kept,
+        **extra,
     }
 
 
 def main(argv=None):
-    import numpy as np
-    import torch
-
     args = parse_args(argv)
-    torch.set_num_threads(cpu_cores())  # XLA's CPU client uses every usable core too
+    # as `perpo-jax` runs; the torch child does the same unless --default-malloc
+    args.host_memory_kept = False if args.default_malloc else keep_host_memory()
     cfg = model_config(args)
     batch_np = make_batch(cfg, args)
-    with tempfile.TemporaryDirectory() as model_dir:
+    with contextlib.ExitStack() as stack:
+        model_dir = stack.enter_context(tempfile.TemporaryDirectory())
         ours = build_ours(cfg, batch_np, args, model_dir)
-        torch_step = torch_initial = None
+        torch_step = None
         if not args.no_torch:
             log("loading the export into transformers")
-            torch_step, torch_initial = build_torch(model_dir, batch_np, seed=args.seed,
-                                                    beta=BETA, gamma=GAMMA)
+            torch_step = stack.enter_context(start_torch(model_dir, batch_np, args))
+        result = run_and_report(cfg, args, ours, torch_step)
+    print(json.dumps(result))
+
+
+@contextlib.contextmanager
+def start_torch(model_dir: str, batch_np: dict, args):
+    """The PyTorch step (callable; .initial log-probs [K], .last_loss, .versions): in a child
+    process by default, in this one with --torch-in-process."""
+    kwargs = {"seed": args.seed, "beta": BETA, "gamma": GAMMA}
+    if not args.torch_in_process:
+        with TorchStepProcess(model_dir, batch_np, threads=cpu_cores(),
+                              keep_memory=not args.default_malloc, **kwargs) as proc:
+            yield proc
+        return
+    # imported only here: in child mode this process never loads torch
+    import torch
+    from torch_step import build_torch
+
+    torch.set_num_threads(cpu_cores())  # XLA's CPU client uses every usable core too
+    step, initial = build_torch(model_dir, batch_np, **kwargs)
+    step.initial = initial
+    step.versions = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                     "torch_host_memory_kept": args.host_memory_kept}  # one process: shared
+    yield step
+
+
+def run_and_report(cfg, args, ours, torch_step) -> dict:
+    """Times the variants interleaved and returns the JSON report."""
+    import numpy as np
+
     batch = ours["batch"]
     shared, naive = ours["variants"]["shared"], ours["variants"]["naive"]
     runners = {"ours_shared": ours_runner(shared, batch), "ours_naive": ours_runner(naive, batch)}
+    torch_initial = None if torch_step is None else torch_step.initial
     if torch_step is not None:
         runners["torch_naive"] = torch_step
     times = time_interleaved(runners, args.repeats)
@@ -495,7 +532,10 @@ def main(argv=None):
     flops = flop_report(flop_dims(cfg, args))
     vs_torch = speedup("torch_naive", "ours_shared")
     result = {
-        "machine": dict(machine_info(), num_devices_used=1),
+        "machine": dict(machine_info(), num_devices_used=1,
+                        **({} if torch_step is None else torch_step.versions)),
+        "torch_process": (None if torch_step is None
+                          else "same" if args.torch_in_process else "child"),
         "config": config_report(cfg, args),
         **({"anyres": anyres_shape(cfg, args)} if is_anyres(args) else {}),
         "ours_shared_s": times["ours_shared"]["median_s"],
@@ -529,7 +569,7 @@ def main(argv=None):
                       **({"torch_naive": torch_step.last_loss} if torch_step is not None else {})},
         "skipped_updates": {name: int(m["skipped"]) for name, m in last.items()},
     }
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -1,11 +1,21 @@
 """The PyTorch side of bench/list_step.py: the same list step done the naive way with
 transformers (K copies of the prompt, logits at every position, trl-style labels), as a
-PyTorch user would run it; AdamW and clipping as ours."""
+PyTorch user would run it; AdamW and clipping as ours.
+
+`python torch_step.py --serve ...` runs it as a child process driven by
+`torch_process.TorchStepProcess`.
+"""
 from __future__ import annotations
+
+import argparse
+import json
+import sys
 
 import numpy as np
 import torch
 import transformers
+
+from perpo_jax.host_memory import keep_host_memory
 
 
 def perpo_loss_torch(s, rewards, beta: float, gamma: float):
@@ -62,3 +72,38 @@ def build_torch(model_dir: str, batch_np: dict, *, seed: int, beta: float, gamma
         once.last_loss = float(loss.detach())
 
     return once, initial
+
+
+def serve(argv=None):
+    """The child's side: build the step, print {"initial", "versions"}, then one JSON line
+    {"loss"} per "step" line read from stdin, until "quit" or end of input."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--serve", nargs=2, metavar=("MODEL_DIR", "BATCH_NPZ"), required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--beta", type=float, required=True)
+    p.add_argument("--gamma", type=float, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--keep-host-memory", action="store_true")
+    args = p.parse_args(argv)
+    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the replies only
+    kept = keep_host_memory() if args.keep_host_memory else False
+    torch.set_num_threads(args.threads)
+    model_dir, batch_path = args.serve
+    with np.load(batch_path) as npz:
+        batch_np = {name: npz[name] for name in npz.files}
+    step, initial = build_torch(model_dir, batch_np, seed=args.seed, beta=args.beta,
+                                gamma=args.gamma)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "torch_threads": torch.get_num_threads(), "torch_host_memory_kept": kept}
+    out.write(json.dumps({"initial": initial.tolist(), "versions": versions}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        step()
+        out.write(json.dumps({"loss": step.last_loss}) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    serve()

@@ -2,8 +2,8 @@
 
 Timings are never asserted (shared CI machines); only the schema, that every variant trained
 without skipped updates, and the log-prob parity with transformers on the same weights —
-for the LLaVA-1.5 shape and for `--anyres` (LLaVA-NeXT tiles, transformers'
-LlavaNextForConditionalGeneration as the reference).
+for the LLaVA-1.5 shape (transformers in a child process) and for `--anyres` (LLaVA-NeXT
+tiles, transformers' LlavaNextForConditionalGeneration in the benchmark's own process).
 """
 
 import json
@@ -43,6 +43,7 @@ def test_tiny_benchmark_prints_the_json_schema():
     for key in ("platform", "cpu_count", "jax", "torch", "device_kind"):
         assert key in out["machine"], key
     assert out["config"]["tiny"] is True and out["config"]["candidates_K"] == 4
+    assert out["torch_process"] == "child"  # the default: transformers never loads in ours
     for key in ("ours_shared_s", "ours_naive_s", "torch_naive_s", "speedup_shared_vs_naive",
                 "speedup_vs_torch", "speedup_shared_vs_naive_min", "speedup_vs_torch_min"):
         assert isinstance(out[key], float) and out[key] > 0, key
@@ -60,7 +61,8 @@ def test_tiny_benchmark_prints_the_json_schema():
 
 
 def test_tiny_anyres_benchmark_reports_the_next_shape():
-    out = run_tiny("--anyres")
+    out = run_tiny("--anyres", "--torch-in-process")  # the other mode of the torch side
+    assert out["torch_process"] == "same"
     for key in TOP_LEVEL + ("anyres",):
         assert key in out, key
     shape = out["anyres"]
