@@ -168,6 +168,9 @@ class DataConfig:
     min_objects: int = 2
     max_objects: int = 5
     relations: bool = True
+    # shapes_grounding box sides as fractions of image_size: [small min, small max, large min,
+    # large max]; larger shapes need less pixel precision for IoU >= 0.5
+    shape_sides: list[float] = field(default_factory=lambda: [0.14, 0.20, 0.30, 0.42])
 
 
 @dataclass
@@ -205,6 +208,11 @@ class DemoConfig:
     # A tiny model learns grounding far faster per second from 32-example batches than from 8.
     sft_lists_per_step: int = 0
     sft_prompts_per_round: int = 0
+    # --train-base only: SFT rounds on ONE-shape scenes (attribute expressions, same
+    # image_size and shape_sides, the task's tokenizer) before the SFT on the task itself. A
+    # tiny model learns to localise one shape far faster than among 2-5 (at 1,008 updates:
+    # Acc@0.5 0.59 vs 0.06 with data.shape_sides [0.22, 0.28, 0.36, 0.46]); 0 = none
+    base_warmup_rounds: int = 0
     # rft: rejection-sampling fine-tuning (SFT on each list's best sampled candidate, the same
     # sample budget as perpo / dpo / lipo); sft: continued SFT on the ground truth
     methods: list[str] = field(default_factory=lambda: ["perpo", "dpo", "lipo", "sft", "rft"])
@@ -376,7 +384,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"sampling.top_p: must be in (0, 1], got {cfg.sampling.top_p}")
     if len(cfg.mesh.shape) != 3:
         raise ConfigError(f"mesh.shape: needs 3 entries (data, fsdp, tensor), got {cfg.mesh.shape}")
-    for key in ("sft_rounds", "sft_steps", "sft_lists_per_step", "sft_prompts_per_round"):
+    for key in ("sft_rounds", "sft_steps", "sft_lists_per_step", "sft_prompts_per_round",
+                "base_warmup_rounds"):
         if getattr(cfg.demo, key) < 0:
             raise ConfigError(f"demo.{key}: must be >= 0, got {getattr(cfg.demo, key)}")
     bad = [m for m in cfg.demo.methods if m not in DEMO_METHODS]
@@ -391,6 +400,11 @@ def validate(cfg: Config) -> Config:
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError(f"data.min_objects / data.max_objects: need 1 <= min <= max, got "
                           f"{cfg.data.min_objects} / {cfg.data.max_objects}")
+    sides = cfg.data.shape_sides
+    if len(sides) != 4 or not 0 < sides[0] <= sides[1] < sides[2] <= sides[3] <= 1:
+        raise ConfigError("data.shape_sides: need [small min, small max, large min, large max] "
+                          f"with 0 < small min <= small max < large min <= large max <= 1, got "
+                          f"{sides}")
     if not 0.0 <= cfg.m3po.alpha <= 1.0:
         raise ConfigError(f"m3po.alpha: must be in [0, 1], got {cfg.m3po.alpha}")
     if cfg.m3po.pairs != "none" and cfg.m3po.delta <= 0:

@@ -159,6 +159,32 @@ def test_scene_knobs_object_count_and_relations(tmp_path):
         shapes_grounding.build(str(tmp_path), num_train=8, num_val=2, min_objects=3, max_objects=2)
 
 
+def test_scene_knob_shape_sides(tmp_path):
+    """data.shape_sides bounds every box side (small and large alike), keeps the layout rules
+    (each expression still picks exactly its target) and enters the TFDS config name; bad
+    ranges are refused by the builder and by the config, naming the key."""
+    from perpo_jax.config import ConfigError, config_from_dict
+
+    sides = (0.22, 0.28, 0.36, 0.46)
+    ranges = {"small": (round(0.22 * SIZE), round(0.28 * SIZE)),
+              "large": (round(0.36 * SIZE), round(0.46 * SIZE))}
+    for i in range(30):
+        x = shapes_grounding.make_example(3, "train", i, SIZE, sides=sides)
+        for box, size in zip(x["object_boxes"], x["object_size"]):
+            lo, hi = ranges[shapes_scene.SIZES[size]]
+            width, height = np.round((box[2:] - box[:2]) * SIZE).astype(int)
+            assert width == height and lo <= width <= hi, (i, width, size)
+        assert shapes_scene.referred_objects(x["expression"], _scene_objects(x)) == [x["target"]]
+    assert shapes_grounding.config_name(
+        num_train=8, num_val=2, image_size=64, seed=0, min_objects=2, max_objects=5,
+        relations=True, sides=sides) == f"n8_v2_s{SIZE}_seed0_sides0.22-0.28-0.36-0.46"
+    with pytest.raises(ValueError, match="shape sides"):
+        shapes_grounding.build(str(tmp_path), num_train=8, num_val=2, sides=(0.3, 0.2, 0.4, 0.5))
+    assert config_from_dict({}, ["data.shape_sides=[0.22,0.28,0.36,0.46]"]).data.shape_sides == list(sides)
+    with pytest.raises(ConfigError, match="data.shape_sides"):
+        config_from_dict({}, ["data.shape_sides=[0.2,0.3,0.25,0.5]"])
+
+
 def _scene_objects(x):
     """ShapeObjects back from a make_example dict (boxes in pixels, inclusive)."""
     out = []

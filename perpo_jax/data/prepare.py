@@ -227,7 +227,7 @@ def _build_dataset(cfg: Config):
         return shapes_grounding.build(d.data_dir, num_train=d.num_train, num_val=d.num_val,
                                       image_size=d.image_size, seed=d.seed,
                                       min_objects=d.min_objects, max_objects=d.max_objects,
-                                      relations=d.relations), ()
+                                      relations=d.relations, sides=d.shape_sides), ()
     if d.source == "shapes_ocr":
         return shapes_ocr.build(d.data_dir, num_train=d.num_train, num_val=d.num_val,
                                 image_size=d.image_size, seed=d.seed), ()

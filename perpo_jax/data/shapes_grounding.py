@@ -44,7 +44,8 @@ def grounding_question(expression: str) -> str:
 class ShapesGroundingConfig(tfds.core.BuilderConfig):
     """num_train / num_val: examples per split; image_size: S in pixels; seed: data seed;
     min_objects / max_objects: objects per scene; relations: spatial-relation expressions
-    allowed (attribute expressions only when False)."""
+    allowed (attribute expressions only when False); sides: box side ranges as fractions of
+    S (`shapes_scene.SIDES`)."""
 
     num_train: int = 2000
     num_val: int = 200
@@ -53,15 +54,18 @@ class ShapesGroundingConfig(tfds.core.BuilderConfig):
     min_objects: int = shapes_scene.MIN_OBJECTS
     max_objects: int = shapes_scene.MAX_OBJECTS
     relations: bool = True
+    sides: tuple = shapes_scene.SIDES
 
 
 def make_example(seed: int, split: str, index: int, image_size: int, *,
                  min_objects: int = shapes_scene.MIN_OBJECTS,
-                 max_objects: int = shapes_scene.MAX_OBJECTS, relations: bool = True) -> dict:
+                 max_objects: int = shapes_scene.MAX_OBJECTS, relations: bool = True,
+                 sides=shapes_scene.SIDES) -> dict:
     """The feature dict of example `index` of `split` (see module docstring)."""
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
     objects, target, expression, image = shapes_scene.sample_example(
-        rng, image_size, min_objects=min_objects, max_objects=max_objects, relations=relations)
+        rng, image_size, min_objects=min_objects, max_objects=max_objects, relations=relations,
+        sides=sides)
     box = objects[target].normalised_box(image_size)
     return {
         "image": image,
@@ -116,11 +120,11 @@ class ShapesGrounding(LocalBuilder):
         for i in range(count):
             yield i, make_example(cfg.seed, split, i, cfg.image_size,
                                   min_objects=cfg.min_objects, max_objects=cfg.max_objects,
-                                  relations=cfg.relations)
+                                  relations=cfg.relations, sides=cfg.sides)
 
 
 def config_name(*, num_train: int, num_val: int, image_size: int, seed: int, min_objects: int,
-                max_objects: int, relations: bool) -> str:
+                max_objects: int, relations: bool, sides=shapes_scene.SIDES) -> str:
     """The TFDS config name: every setting, the scene knobs only when not the defaults (so
     datasets made before those knobs existed keep their names)."""
     name = f"n{num_train}_v{num_val}_s{image_size}_seed{seed}"
@@ -128,23 +132,28 @@ def config_name(*, num_train: int, num_val: int, image_size: int, seed: int, min
         name += f"_obj{min_objects}-{max_objects}"
     if not relations:
         name += "_norel"
+    if tuple(sides) != shapes_scene.SIDES:
+        name += "_sides" + "-".join(f"{x:g}" for x in sides)
     return name
 
 
 def build(data_dir: str, *, num_train: int = 2000, num_val: int = 200, image_size: int = 64,
           seed: int = 0, min_objects: int = shapes_scene.MIN_OBJECTS,
-          max_objects: int = shapes_scene.MAX_OBJECTS, relations: bool = True) -> ShapesGrounding:
+          max_objects: int = shapes_scene.MAX_OBJECTS, relations: bool = True,
+          sides=shapes_scene.SIDES) -> ShapesGrounding:
     """Prepare (or reuse) the dataset under `data_dir` and return its builder.
 
     The config name encodes every parameter, so different settings never share files.
     Read it with `builder.as_data_source()["train"]`.
     """
     shapes_scene.check_object_counts(min_objects, max_objects)
+    sides = shapes_scene.check_sides(sides)
     name = config_name(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
-                       min_objects=min_objects, max_objects=max_objects, relations=relations)
+                       min_objects=min_objects, max_objects=max_objects, relations=relations,
+                       sides=sides)
     config = ShapesGroundingConfig(name=name, num_train=num_train, num_val=num_val,
                                    image_size=image_size, seed=seed, min_objects=min_objects,
-                                   max_objects=max_objects, relations=relations)
+                                   max_objects=max_objects, relations=relations, sides=sides)
     builder = ShapesGrounding(data_dir=data_dir, config=config, file_format="array_record")
     builder.download_and_prepare()
     return builder

@@ -39,6 +39,9 @@ COLOUR_NAMES = tuple(COLOURS)
 SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
 
+# side length of a shape's box as a fraction of the image side: (small min, small max, large
+# min, large max); larger shapes need less pixel precision for IoU >= 0.5
+SIDES = (0.14, 0.20, 0.30, 0.42)
 GAP = 3  # background pixels kept between non-overlapping boxes
 INSET = 2  # a small object inside a large one keeps this far from the large box's border
 MIN_OBJECTS, MAX_OBJECTS = 2, 5
@@ -62,9 +65,18 @@ class ShapeObject:
 # ----------------------------------------------------------------------------- layout
 
 
-def _side_range(size: str, image_size: int) -> tuple[int, int]:
+def check_sides(sides) -> tuple[float, ...]:
+    """`sides` as a 4-tuple of floats (see SIDES), else a ValueError saying what is wrong."""
+    sides = tuple(float(x) for x in sides)
+    if len(sides) != 4 or not 0 < sides[0] <= sides[1] < sides[2] <= sides[3] <= 1:
+        raise ValueError("shape sides: need 4 fractions of the image side, 0 < small min <= "
+                         f"small max < large min <= large max <= 1, got {list(sides)}")
+    return sides
+
+
+def _side_range(size: str, image_size: int, sides=SIDES) -> tuple[int, int]:
     """Inclusive range of box side lengths (pixels) for a size class."""
-    lo, hi = (0.14, 0.20) if size == "small" else (0.30, 0.42)
+    lo, hi = sides[:2] if size == "small" else sides[2:]
     return max(4, round(lo * image_size)), max(5, round(hi * image_size))
 
 
@@ -88,12 +100,13 @@ def _compatible(new: ShapeObject, old: ShapeObject) -> bool:
     return _inside(small.box_px, large.box_px, INSET)
 
 
-def _propose(rng: np.random.Generator, image_size: int, placed: list[ShapeObject]) -> ShapeObject:
+def _propose(rng: np.random.Generator, image_size: int, placed: list[ShapeObject],
+             sides=SIDES) -> ShapeObject:
     """A random object; a small one is put inside an existing large one ~35% of the time."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
     size = SIZES[rng.integers(len(SIZES))]
-    lo, hi = _side_range(size, image_size)
+    lo, hi = _side_range(size, image_size, sides)
     side = int(rng.integers(lo, hi + 1))
     hosts = [o for o in placed if o.size == "large"]
     if size == "small" and hosts and rng.random() < 0.35:
@@ -117,16 +130,16 @@ def check_object_counts(min_objects: int, max_objects: int) -> None:
 
 
 def sample_layout(rng: np.random.Generator, image_size: int, *, min_objects: int = MIN_OBJECTS,
-                  max_objects: int = MAX_OBJECTS) -> list[ShapeObject]:
+                  max_objects: int = MAX_OBJECTS, sides=SIDES) -> list[ShapeObject]:
     """min_objects–max_objects (default 2–5) objects obeying the layout rules, in drawing
-    order (large first)."""
+    order (large first); box sides drawn from `sides` (see SIDES)."""
     check_object_counts(min_objects, max_objects)
     want = int(rng.integers(min_objects, max_objects + 1))
     placed: list[ShapeObject] = []
     for _ in range(200 * want):
         if len(placed) == want:
             break
-        candidate = _propose(rng, image_size, placed)
+        candidate = _propose(rng, image_size, placed, sides)
         if all(_compatible(candidate, old) for old in placed):
             placed.append(candidate)
     if len(placed) < min_objects:
@@ -271,14 +284,16 @@ def format_box(box) -> str:
 
 
 def sample_example(rng: np.random.Generator, image_size: int, *, min_objects: int = MIN_OBJECTS,
-                   max_objects: int = MAX_OBJECTS, relations: bool = True):
+                   max_objects: int = MAX_OBJECTS, relations: bool = True, sides=SIDES):
     """(objects, target index, expression, image) for one example; retries unlucky layouts.
 
     min_objects / max_objects: objects per scene (default 2–5); relations: whether spatial
-    relations ("the red circle left of the blue square") may be used.
+    relations ("the red circle left of the blue square") may be used; sides: box side ranges
+    (see SIDES).
     """
     for _ in range(100):
-        objects = sample_layout(rng, image_size, min_objects=min_objects, max_objects=max_objects)
+        objects = sample_layout(rng, image_size, min_objects=min_objects, max_objects=max_objects,
+                                sides=sides)
         target = int(rng.integers(len(objects)))
         expression = referring_expression(objects, target, rng, relations=relations)
         if expression is not None:
