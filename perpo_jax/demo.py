@@ -106,6 +106,15 @@ def sft_config(cfg: Config, out_dir: str) -> Config:
     )
 
 
+def one_shape_config(cfg: Config, tokenizer_dir: str | None) -> Config:
+    """The base's first stage (`demo.base_warmup_rounds` > 0): cfg's shapes task cut to one
+    shape per image and attribute expressions, `demo.base_warmup_rounds` SFT rounds, and the
+    tokenizer of the task's processor (`tokenizer_dir`), so both stages share token ids."""
+    return _with(cfg, data={"min_objects": 1, "max_objects": 1, "relations": False,
+                            "tokenizer": tokenizer_dir},
+                 demo={"sft_rounds": cfg.demo.base_warmup_rounds})
+
+
 # demo method -> (m3po.pairs, m3po.alpha or None for the configured one); the loss is DPO
 M3PO_METHODS = {"m3po": ("m3p", None), "rm_dpo": ("rm", None), "vanilla_dpo": ("random", None),
                 "m3po_alpha0": ("m3p", 0.0), "m3po_alpha1": ("m3p", 1.0)}

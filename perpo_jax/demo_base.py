@@ -22,21 +22,24 @@ import time
 from pathlib import Path
 
 from perpo_jax.atomic import atomic_dir
-from perpo_jax.config import Config, ConfigError
+from perpo_jax.config import Config, ConfigError, DataConfig
 
 BASE_CARD = "base_card.json"
 # The base shipped with the project (`demo.base_path: auto` uses it when it fits the task)
 SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "demo_base"
 # data.* settings that define the task a base was trained for; the val example i depends only
 # on these (not on num_train / num_val), so a base fits a config that agrees on all of them
-TASK_KEYS = ("task", "source", "image_size", "min_objects", "max_objects", "relations", "seed")
+TASK_KEYS = ("task", "source", "image_size", "min_objects", "max_objects", "relations", "seed",
+             "shape_sides")
 
 
 def task_signature(data_config) -> dict:
-    """{key: value} of `TASK_KEYS` from a DataConfig (or its dict form)."""
-    get = data_config.get if isinstance(data_config, dict) else (
-        lambda k: getattr(data_config, k))
-    return {key: get(key) for key in TASK_KEYS}
+    """{key: value} of `TASK_KEYS` from a DataConfig (or its dict form; a key a card written
+    before it existed lacks reads as the DataConfig default)."""
+    if isinstance(data_config, dict):
+        defaults = dataclasses.asdict(DataConfig())
+        return {key: data_config.get(key, defaults[key]) for key in TASK_KEYS}
+    return {key: getattr(data_config, key) for key in TASK_KEYS}
 
 
 def read_card(base_dir: str) -> dict:
@@ -128,12 +131,13 @@ def write_base(model, processor, out_dir: str, card: dict) -> str:
 
 def train_base(cfg: Config, out_dir: str, *, command: list[str], overwrite: bool) -> dict:
     """`perpo-jax demo --train-base`: the demo's SFT warm-up (demo.sft_*) from a random tiny
-    LLaVA, evaluated on the first eval.num_examples val examples and written to `out_dir` as
-    a base (`write_base`). The SFT run itself (checkpoints, curves) goes to
-    <train.out_dir>/base_sft, started fresh. Returns the card."""
+    LLaVA (after `demo.base_warmup_rounds` rounds on one-shape scenes, when > 0), evaluated on
+    the first eval.num_examples val examples and written to `out_dir` as a base
+    (`write_base`). The SFT runs themselves (checkpoints, curves) go to
+    <train.out_dir>/base_sft (and base_sft_one_shape), started fresh. Returns the card."""
     from perpo_jax.cli_paths import check_out_dir, protected_paths, resolve_paths
     from perpo_jax.data import prepare
-    from perpo_jax.demo import sft_config
+    from perpo_jax.demo import one_shape_config, sft_config
     from perpo_jax.demo_report import example_scores
     from perpo_jax.evaluate import evaluate
     from perpo_jax.models import from_config
@@ -143,11 +147,19 @@ def train_base(cfg: Config, out_dir: str, *, command: list[str], overwrite: bool
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     check_out_dir(out_dir, protected_paths(cfg), overwrite)  # before any work: refuse early
     run_dir = os.path.join(cfg.train.out_dir, "base_sft")
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh SFT, never a resumed one
+    stage_dir = os.path.join(cfg.train.out_dir, "base_sft_one_shape")
+    for old in (run_dir, stage_dir):
+        shutil.rmtree(old, ignore_errors=True)  # a fresh SFT, never a resumed one
     start = time.perf_counter()
     mesh = from_config.build_mesh(cfg)
     data = prepare.prepare_data(cfg)
     model = from_config.build_model(cfg, mesh, data.processor)
+    if cfg.demo.base_warmup_rounds:
+        stage = one_shape_config(cfg, data.processor_dir)
+        print(f"[demo] base stage 1: {stage.demo.sft_rounds} SFT rounds on one-shape scenes",
+              flush=True)
+        model = train(sft_config(stage, stage_dir), data=prepare.prepare_data(stage),
+                      model=model, mesh=mesh).model
     print(f"[demo] training a base: SFT on {cfg.data.source} ({len(data.train)} train), "
           f"run dir {run_dir}", flush=True)
     sft = train(sft_config(cfg, run_dir), data=data, model=model, mesh=mesh)

@@ -81,8 +81,16 @@ def test_train_base_then_align_from_it(shared, tmp_path, capsys):
     common = [f"data.data_dir={data.data_dir}", *TINY]
     base_args = ["--train-base", "--out", str(base_dir), f"train.out_dir={tmp_path / 'run'}",
                  "demo.sft_rounds=1", "demo.sft_steps=1", "demo.sft_lists_per_step=8",
-                 "demo.sft_prompts_per_round=8", *common]
+                 "demo.sft_prompts_per_round=8", "demo.base_warmup_rounds=1", *common]
     card = demo.main(base_args)
+    # stage 1 ran first: one SFT update on one-shape scenes, with the task's own tokenizer
+    stage = [json.loads(line) for line in
+             (tmp_path / "run" / "base_sft_one_shape" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in stage if "loss" in r]
+    one = demo.one_shape_config(config_from_dict({}, [*common, "demo.base_warmup_rounds=3"]),
+                                data.processor_dir)
+    assert (one.data.min_objects, one.data.max_objects, one.data.relations) == (1, 1, False)
+    assert one.data.tokenizer == data.processor_dir and one.demo.sft_rounds == 3
 
     saved = json.loads((base_dir / "base_card.json").read_text())
     assert saved["command"].startswith("perpo-jax demo --train-base --out ")
@@ -90,6 +98,8 @@ def test_train_base_then_align_from_it(shared, tmp_path, capsys):
     assert saved["val_examples"] == 8 and len(saved["val_predictions"]) == 8
     assert set(saved["val_metrics"]) >= {"acc@0.5", "mean_iou"}
     assert saved["config"]["demo"]["sft_steps"] == 1 and saved["task"]["relations"] is True
+    assert saved["config"]["demo"]["base_warmup_rounds"] == 1
+    assert saved["task"]["shape_sides"] == [0.14, 0.20, 0.30, 0.42]
     assert saved["val_metrics"]["mean_iou"] == pytest.approx(
         np.mean(saved["val_scores"]["mean_iou"]))
     assert card["val_metrics"] == saved["val_metrics"]
