@@ -43,6 +43,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/ modul
 
 from timing import machine_info  # noqa: E402
 
+from perpo_jax.host_memory import keep_host_memory  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PHASES = ("sampling", "decode_text", "rewards", "list_building", "reference", "update_steps",
           "checkpoint")
@@ -219,10 +221,11 @@ def bench_shape(shape: str, args, work: str) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    kept = keep_host_memory()  # as the `perpo-jax` command runs the loop
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or tmp
         result = {"args": vars(args), "shapes": {s: bench_shape(s, args, work) for s in args.shapes}}
-    result["machine"] = machine_info()
+    result["machine"] = dict(machine_info(), host_memory_kept=kept)
     print(json.dumps(result))
 
 

@@ -149,9 +149,11 @@ def main(argv=None):
     from flax import nnx
 
     from perpo_jax.hf import save_pretrained
+    from perpo_jax.host_memory import keep_host_memory
     from perpo_jax.models import LlavaModel
 
     args = parse_args(argv)
+    kept = keep_host_memory()  # as `perpo-jax` runs; transformers shares it (one process)
     torch.set_num_threads(cpu_cores())
     cfg = list_step.model_config(args)
     ids, pixels = make_prompts(cfg, args)
@@ -202,7 +204,7 @@ def main(argv=None):
                 agree = runners["ours_shared"].tokens == runners["transformers"].tokens
                 rep["greedy_token_agreement_vs_transformers"] = round(float(agree.mean()), 4)
         result["modes"][mode] = rep
-    result["machine"] = machine_info()
+    result["machine"] = dict(machine_info(), host_memory_kept=kept)
     print(json.dumps(result))
 
 
