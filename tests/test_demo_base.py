@@ -14,9 +14,11 @@ from perpo_jax.demo_report import (ShuffledImages, format_table, image_derangeme
 from perpo_jax.metrics import paired_bootstrap_gain
 
 # The shared fixture's dataset (tests/conftest.py): 32 train / 8 val 32-px scenes, 2-5 shapes
-# with relations (the schema's defaults, = configs/demo_base.yaml's task), so it is reused.
+# with relations and the default shape sides (the schema's defaults; configs/demo_base.yaml's
+# task but for its larger sides), so it is reused.
 TINY = [TINY_MODEL, "data.num_train=32", "data.num_val=8", "data.image_size=32",
         "data.min_objects=2", "data.max_objects=5", "data.relations=true",
+        "data.shape_sides=[0.14,0.2,0.3,0.42]",
         "train.max_length=192", "train.max_response_length=12", "eval.num_examples=8",
         "eval.batch_size=8", "eval.max_new_tokens=8"]
 
@@ -61,6 +63,38 @@ def test_table_has_one_aligned_column_per_metric():
     assert "  edit_similarity" in head and "  ned" in head
     assert lines[3].split()[:3] == ["perpo", "0.4500", "0.5500"]
     assert "+0.050 [+0.010,+0.090]" in lines[3]
+
+
+def test_shipped_base_loads_and_matches_its_card(tmp_path):
+    """assets/demo_base, made by the command its card records, grounds imperfectly (the
+    30-60 % a base worth aligning needs), loads like a user's checkpoint, re-scores the first
+    val examples exactly as recorded, and `demo.base_path: auto` picks it for its own task
+    only."""
+    from perpo_jax.config import config_from_dict
+    from perpo_jax.data import prepare
+    from perpo_jax.demo_base import SHIPPED_BASE, read_card, resolve_base_path
+    from perpo_jax.evaluate import evaluate
+    from perpo_jax.hf import load_pretrained
+
+    card = read_card(str(SHIPPED_BASE))
+    assert card["command"].startswith("perpo-jax demo --train-base --out ")
+    assert card["val_examples"] == 500 and 0.30 <= card["val_metrics"]["acc@0.5"] <= 0.60
+    assert sum(f.stat().st_size for f in SHIPPED_BASE.iterdir()) <= 20 * 2**20
+    # its own config and val split (TFDS shuffles records by key, so the first records depend
+    # on the split's size), one train example, scored on the first 4 val records
+    cfg = config_from_dict(card["config"], [
+        f"model.hf_path={SHIPPED_BASE}", f"data.data_dir={tmp_path / 'data'}",
+        f"train.out_dir={tmp_path / 'run'}", "data.num_train=1", "eval.num_examples=4"])
+    data = prepare.prepare_data(cfg, progress=False)
+    res = evaluate(load_pretrained(str(SHIPPED_BASE)), data, cfg, split="val", progress=False)
+    assert res.texts == card["val_predictions"][:4]
+    # auto: the shipped base for its task, the in-process warm-up for the default demo's
+    same_task = config_from_dict(card["config"], ["demo.base_path=auto"])
+    assert resolve_base_path(same_task)[0] == str(SHIPPED_BASE)
+    default_demo = config_from_dict({}, ["data.min_objects=1", "data.max_objects=2",
+                                         "data.relations=false"])
+    path, why = resolve_base_path(default_demo)
+    assert path is None and "another task" in why
 
 
 def test_train_base_then_align_from_it(shared, tmp_path, capsys):
