@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from perpo_jax.data import shapes_scene
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the dotted key."""
@@ -170,7 +172,7 @@ class DataConfig:
     relations: bool = True
     # shapes_grounding box sides as fractions of image_size: [small min, small max, large min,
     # large max]; larger shapes need less pixel precision for IoU >= 0.5
-    shape_sides: list[float] = field(default_factory=lambda: [0.14, 0.20, 0.30, 0.42])
+    shape_sides: list[float] = field(default_factory=lambda: list(shapes_scene.SIDES))
 
 
 @dataclass
@@ -400,11 +402,10 @@ def validate(cfg: Config) -> Config:
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError(f"data.min_objects / data.max_objects: need 1 <= min <= max, got "
                           f"{cfg.data.min_objects} / {cfg.data.max_objects}")
-    sides = cfg.data.shape_sides
-    if len(sides) != 4 or not 0 < sides[0] <= sides[1] < sides[2] <= sides[3] <= 1:
-        raise ConfigError("data.shape_sides: need [small min, small max, large min, large max] "
-                          f"with 0 < small min <= small max < large min <= large max <= 1, got "
-                          f"{sides}")
+    try:
+        shapes_scene.check_sides(cfg.data.shape_sides)
+    except ValueError as e:
+        raise ConfigError(f"data.shape_sides: {e}") from None
     if not 0.0 <= cfg.m3po.alpha <= 1.0:
         raise ConfigError(f"m3po.alpha: must be in [0, 1], got {cfg.m3po.alpha}")
     if cfg.m3po.pairs != "none" and cfg.m3po.delta <= 0:

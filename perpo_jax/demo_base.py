@@ -27,8 +27,10 @@ from perpo_jax.config import Config, ConfigError, DataConfig
 BASE_CARD = "base_card.json"
 # The base shipped with the project (`demo.base_path: auto` uses it when it fits the task)
 SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "demo_base"
-# data.* settings that define the task a base was trained for; the val example i depends only
-# on these (not on num_train / num_val), so a base fits a config that agrees on all of them
+# data.* settings that define the task a base was trained for: generated example i depends
+# only on these (not on num_train / num_val), so a base fits a config that agrees on all of
+# them. TFDS shuffles records by key, so which example is the i-th val RECORD also depends on
+# num_val: a card's per-example numbers re-check only with the same num_val
 TASK_KEYS = ("task", "source", "image_size", "min_objects", "max_objects", "relations", "seed",
              "shape_sides")
 

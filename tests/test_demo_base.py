@@ -88,12 +88,12 @@ def test_shipped_base_loads_and_matches_its_card(tmp_path):
     data = prepare.prepare_data(cfg, progress=False)
     res = evaluate(load_pretrained(str(SHIPPED_BASE)), data, cfg, split="val", progress=False)
     assert res.texts == card["val_predictions"][:4]
-    # auto: the shipped base for its task, the in-process warm-up for the default demo's
+    # auto: the shipped base for its own task, the in-process warm-up for another task
     same_task = config_from_dict(card["config"], ["demo.base_path=auto"])
     assert resolve_base_path(same_task)[0] == str(SHIPPED_BASE)
-    default_demo = config_from_dict({}, ["data.min_objects=1", "data.max_objects=2",
-                                         "data.relations=false"])
-    path, why = resolve_base_path(default_demo)
+    other_task = config_from_dict({}, ["data.min_objects=1", "data.max_objects=2",
+                                       "data.relations=false"])
+    path, why = resolve_base_path(other_task)
     assert path is None and "another task" in why
 
 
