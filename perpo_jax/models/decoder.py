@@ -12,6 +12,8 @@ G = 1 without prefix.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -67,22 +69,17 @@ def grouped_attention(q_bgtnh, k_bgskh, v_bgskh, own_mask_bgts, prefix=None, cau
     ~40 % fewer scores, smaller float32 score tensors).
     Returns [B, G, T, N, H] in q's dtype.
     """
-    t, s = q_bgtnh.shape[2], k_bgskh.shape[2]
-    if causal and prefix is None and t == s and t > 2 * CAUSAL_BLOCK:
-        outs = [
-            grouped_attention(q_bgtnh[:, :, lo:lo + CAUSAL_BLOCK], k_bgskh[:, :, :lo + CAUSAL_BLOCK],
-                              v_bgskh[:, :, :lo + CAUSAL_BLOCK],
-                              own_mask_bgts[:, :, lo:lo + CAUSAL_BLOCK, :lo + CAUSAL_BLOCK])
-            for lo in range(0, t, CAUSAL_BLOCK)
-        ]
-        return jnp.concatenate(outs, axis=2)
     b, g, t, n, h = q_bgtnh.shape
-    kv_heads = k_bgskh.shape[-2]
+    s, kv_heads = k_bgskh.shape[2], k_bgskh.shape[-2]
+    if causal and prefix is None and t == s and t > 2 * CAUSAL_BLOCK:
+        blocks = tuple((lo, min(lo + CAUSAL_BLOCK, t)) for lo in range(0, t, CAUSAL_BLOCK))
+    else:
+        blocks = ((0, t),)
     # Queries go to [B, G, K, R, T, H] so every score tensor is [B, G, K, R, T, S|P]: the layout
     # a batched matmul writes and reads without transposes (keys stay as stored: a decode
     # step never copies its cache).
     q_bgkrth = q_bgtnh.reshape(b, g, t, kv_heads, n // kv_heads, h).transpose(0, 1, 3, 4, 2, 5)
-    out_bgkrth = _attend(q_bgkrth, k_bgskh, v_bgskh, own_mask_bgts, prefix)
+    out_bgkrth = _attend(blocks, q_bgkrth, k_bgskh, v_bgskh, own_mask_bgts, prefix)
     return out_bgkrth.transpose(0, 1, 4, 2, 3, 5).reshape(b, g, t, n, h).astype(q_bgtnh.dtype)
 
 
@@ -91,6 +88,15 @@ def grouped_attention(q_bgtnh, k_bgskh, v_bgskh, own_mask_bgts, prefix=None, cau
 _OWN_SCORES, _PRE_SCORES = "bgkrth,bgskh->bgkrts", "bgkrth,bpkh->bgkrtp"
 _OWN_VALUES, _PRE_VALUES = "bgkrts,bgskh->bgkrth", "bgkrtp,bpkh->bgkrth"
 _OWN_KEY_GRAD, _PRE_KEY_GRAD = "bgkrts,bgkrth->bgskh", "bgkrtp,bgkrth->bpkh"
+
+
+def _block_inputs(blocks, q, k_own, v_own, own_mask):
+    """Per query block (lo, hi): its queries, the own keys/values it can see (those before hi:
+    the whole segment when there is one block) and its mask rows."""
+    if len(blocks) == 1:
+        return [(q, k_own, v_own, own_mask)]
+    return [(q[..., lo:hi, :], k_own[:, :, :hi], v_own[:, :, :hi], own_mask[:, :, lo:hi, :hi])
+            for lo, hi in blocks]
 
 
 def _attention_probs(q, k_own, own_mask, prefix):
@@ -111,44 +117,63 @@ def _attention_probs(q, k_own, own_mask, prefix):
     return e_pre / total, e_own / total
 
 
-def _attend_fwd(q, k_own, v_own, own_mask, prefix):
-    p_pre, p_own = _attention_probs(q, k_own, own_mask, prefix)
-    out = jnp.einsum(_OWN_VALUES, p_own.astype(v_own.dtype), v_own)
-    if prefix is not None:
-        out = out + jnp.einsum(_PRE_VALUES, p_pre.astype(prefix[1].dtype), prefix[1])
-    return out, (q, k_own, v_own, own_mask, prefix, p_pre, p_own, out)
+def _attend_fwd(blocks, q, k_own, v_own, own_mask, prefix):
+    outs, probs = [], []
+    for q_blk, k_blk, v_blk, mask_blk in _block_inputs(blocks, q, k_own, v_own, own_mask):
+        p_pre, p_own = _attention_probs(q_blk, k_blk, mask_blk, prefix)
+        out = jnp.einsum(_OWN_VALUES, p_own.astype(v_blk.dtype), v_blk)
+        if prefix is not None:
+            out = out + jnp.einsum(_PRE_VALUES, p_pre.astype(prefix[1].dtype), prefix[1])
+        outs.append(out)
+        probs.append((p_pre, p_own))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-2)
+    # residuals: the inputs as given (never per-block slices of the keys) and the probabilities
+    return out, (q, k_own, v_own, own_mask, prefix, probs, out)
 
 
-def _attend_bwd(res, d_out):
-    """Softmax attention's VJP from the saved float32 probabilities P:
-    dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = dS K · scale, dK = dSᵀ Q · scale."""
-    q, k_own, v_own, own_mask, prefix, p_pre, p_own, out = res
+def _attend_bwd(blocks, res, d_out):
+    """Softmax attention's VJP from the saved float32 probabilities P, per query block:
+    dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = dS K · scale, dK = dSᵀ Q · scale;
+    a block's key/value gradients add into the keys it saw."""
+    q, k_own, v_own, own_mask, prefix, probs, out = res
     scale = q.shape[-1] ** -0.5
     f32 = jnp.float32
     row = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    dv_own = jnp.einsum(_OWN_KEY_GRAD, p_own.astype(d_out.dtype), d_out).astype(v_own.dtype)
-    dp_own = jnp.einsum(_OWN_SCORES, d_out, v_own, preferred_element_type=f32)
-    ds_own = ((p_own * (dp_own - row)) * scale).astype(q.dtype)
-    dq = jnp.einsum(_OWN_VALUES, ds_own, k_own, preferred_element_type=f32)
-    dk_own = jnp.einsum(_OWN_KEY_GRAD, ds_own, q).astype(k_own.dtype)
-    d_prefix = None
-    if prefix is not None:
-        k_pre, v_pre, _ = prefix
-        dv_pre = jnp.einsum(_PRE_KEY_GRAD, p_pre.astype(d_out.dtype), d_out).astype(v_pre.dtype)
-        dp_pre = jnp.einsum(_PRE_SCORES, d_out, v_pre, preferred_element_type=f32)
-        ds_pre = ((p_pre * (dp_pre - row)) * scale).astype(q.dtype)
-        dq = dq + jnp.einsum(_PRE_VALUES, ds_pre, k_pre, preferred_element_type=f32)
-        dk_pre = jnp.einsum(_PRE_KEY_GRAD, ds_pre, q).astype(k_pre.dtype)
-        d_prefix = (dk_pre, dv_pre, None)
-    return dq.astype(q.dtype), dk_own, dv_own, None, d_prefix
+    dk_own, dv_own = jnp.zeros(k_own.shape, f32), jnp.zeros(v_own.shape, f32)
+    dk_pre = dv_pre = None
+    dq_blocks = []
+    inputs = _block_inputs(blocks, q, k_own, v_own, own_mask)
+    for (lo, hi), (q_blk, k_blk, v_blk, _), (p_pre, p_own) in zip(blocks, inputs, probs):
+        do_blk, row_blk = d_out[..., lo:hi, :], row[..., lo:hi, :]
+        dp_own = jnp.einsum(_OWN_SCORES, do_blk, v_blk, preferred_element_type=f32)
+        ds_own = ((p_own * (dp_own - row_blk)) * scale).astype(q.dtype)
+        dq_blk = jnp.einsum(_OWN_VALUES, ds_own, k_blk, preferred_element_type=f32)
+        seen = hi if len(blocks) > 1 else k_own.shape[2]
+        dv_own = dv_own.at[:, :, :seen].add(
+            jnp.einsum(_OWN_KEY_GRAD, p_own.astype(do_blk.dtype), do_blk, preferred_element_type=f32))
+        dk_own = dk_own.at[:, :, :seen].add(
+            jnp.einsum(_OWN_KEY_GRAD, ds_own, q_blk, preferred_element_type=f32))
+        if prefix is not None:  # one block only (no causal blocking with a prefix)
+            k_pre, v_pre, _ = prefix
+            dv_pre = jnp.einsum(_PRE_KEY_GRAD, p_pre.astype(do_blk.dtype), do_blk).astype(v_pre.dtype)
+            dp_pre = jnp.einsum(_PRE_SCORES, do_blk, v_pre, preferred_element_type=f32)
+            ds_pre = ((p_pre * (dp_pre - row_blk)) * scale).astype(q.dtype)
+            dq_blk = dq_blk + jnp.einsum(_PRE_VALUES, ds_pre, k_pre, preferred_element_type=f32)
+            dk_pre = jnp.einsum(_PRE_KEY_GRAD, ds_pre, q_blk).astype(k_pre.dtype)
+        dq_blocks.append(dq_blk)
+    dq = dq_blocks[0] if len(dq_blocks) == 1 else jnp.concatenate(dq_blocks, axis=-2)
+    d_prefix = None if prefix is None else (dk_pre, dv_pre, None)
+    return (dq.astype(q.dtype), dk_own.astype(k_own.dtype), dv_own.astype(v_own.dtype), None,
+            d_prefix)
 
 
-@jax.custom_vjp
-def _attend(q_bgkrth, k_bgskh, v_bgskh, own_mask_bgts, prefix):
-    """Attention core, [B, G, K, R, T, H] in and out. A custom VJP because autodiff of the
-    masked float32 softmax kept the scores AND the probabilities and re-laid them out between
-    its passes: fwd+bwd of one causal layer at the paper's naive shape ran ~1.6x slower."""
-    return _attend_fwd(q_bgkrth, k_bgskh, v_bgskh, own_mask_bgts, prefix)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(blocks, q_bgkrth, k_bgskh, v_bgskh, own_mask_bgts, prefix):
+    """Attention core, [B, G, K, R, T, H] in and out; `blocks`: static query blocks (lo, hi),
+    each scoring the own keys before hi (one block (0, T) scores all of them). A custom VJP
+    because autodiff of the masked float32 softmax kept the scores AND the probabilities and
+    re-laid them out between its passes (see bench/list_step.py's before/after in the README)."""
+    return _attend_fwd(blocks, q_bgkrth, k_bgskh, v_bgskh, own_mask_bgts, prefix)[0]
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
