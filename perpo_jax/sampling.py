@@ -118,14 +118,20 @@ def draw_tokens(
     """One token per sample: logits [B, K, V] f32, keys [B, K] → [B, K] int32.
 
     Greedy = argmax; otherwise temperature scaling, nucleus filter, then a categorical draw
-    with `fold_in(keys[b, k], step)`.
+    by inverting the cumulative distribution at one uniform u in (0, 1] per sample from
+    `fold_in(keys[b, k], step)` (as torch.multinomial does): the token is the first whose
+    cumulative probability reaches u · total, so a zero-probability token is never drawn.
+    One random number per sample instead of V Gumbel draws (`jax.random.categorical`), which
+    took ~3/4 of the temperature mode's decode-time overhead over greedy.
     """
     if greedy:
         return jnp.argmax(logits_bkv, axis=-1).astype(jnp.int32)
     scaled = top_p_filter(logits_bkv.astype(jnp.float32) / temperature, top_p)
     step_keys = jax.vmap(jax.vmap(lambda key: jax.random.fold_in(key, step)))(keys_bk)
-    draw = jax.vmap(jax.vmap(lambda key, lg: jax.random.categorical(key, lg)))
-    return draw(step_keys, scaled).astype(jnp.int32)
+    u_bk = 1.0 - jax.vmap(jax.vmap(jax.random.uniform))(step_keys)  # [0, 1) -> (0, 1]
+    cdf_bkv = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)
+    below = cdf_bkv < (u_bk * cdf_bkv[..., -1])[..., None]
+    return jnp.sum(below, axis=-1).astype(jnp.int32)
 
 
 def _as_typed_key(rng: jax.Array) -> jax.Array:

@@ -219,6 +219,15 @@ def test_draw_tokens_follows_tempered_nucleus_distribution():
         keep = np.cumsum(probs / probs.sum()) - probs / probs.sum() < top_p
         expected = np.where(keep, probs, 0) / np.where(keep, probs, 0).sum()
         np.testing.assert_allclose(freq, expected, atol=0.03)
+    # masked tokens (suppressed ids, the nucleus' cut) at the front, middle and end of the
+    # vocabulary are never drawn, whatever the uniform
+    probs = np.array([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
+    with np.errstate(divide="ignore"):
+        masked = jnp.asarray(np.log(probs), jnp.float32)[None, None].repeat(4000, axis=1)
+    draws = np.asarray(sampling.draw_tokens(masked, keys, jnp.int32(1), 1.0, 1.0, False))
+    np.testing.assert_allclose(np.bincount(draws.ravel(), minlength=6) / draws.size, probs,
+                               atol=0.03)
+    assert set(np.unique(draws)) == {1, 3, 4}
 
 
 def test_top_p_filter_keeps_the_nucleus():
