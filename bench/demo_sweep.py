@@ -5,8 +5,9 @@
     python bench/demo_sweep.py --reports baseline=A/report.json beta=0.3=B/report.json
 
 One setting at a time around the config's recipe (not a full grid: each setting is a demo run
-of minutes): β, lr, K (samples per prompt = list size), temperature, min_margin, rounds, and
-sampling from the frozen reference instead of the policy. Each setting is a separate
+of minutes): β, γ (PerPO's reward-gap weighting), lr, K (samples per prompt = list size),
+temperature, min_margin, rounds, passes over each round's lists, and sampling from the frozen
+reference instead of the policy. Each setting is a separate
 `perpo-jax demo --out OUT/<name> --method M demo.base_path=BASE <its overrides> ...` process
 (its log beside its report). Prints one JSON line per setting ({"setting", "overrides",
 "seconds", per method the headline metric and its gain over the base with the bootstrap
@@ -28,6 +29,7 @@ from timing import machine_info  # noqa: E402
 SETTINGS = {
     "baseline": [],
     "beta=0.05": ["loss.beta=0.05"], "beta=0.3": ["loss.beta=0.3"],
+    "gamma=0.25": ["loss.gamma=0.25"], "gamma=1": ["loss.gamma=1.0"],
     "lr=1e-4": ["optim.lr=1e-4"], "lr=1e-3": ["optim.lr=1e-3"],
     "K=4": ["sampling.num_samples=4", "train.num_candidates=4"],
     "K=16": ["sampling.num_samples=16", "train.num_candidates=16"],
@@ -35,6 +37,7 @@ SETTINGS = {
     "temperature=1.3": ["sampling.temperature=1.3"],
     "min_margin=0.05": ["data.min_margin=0.05"], "min_margin=0.3": ["data.min_margin=0.3"],
     "rounds=6": ["train.rounds=6"], "rounds=24": ["train.rounds=24"],
+    "rounds=36": ["train.rounds=36"], "epochs=3": ["train.epochs=3"],
     "from_reference": ["sampling.from_reference=true"],
 }
 TINY_SETTINGS = {"baseline": [], "beta=0.3": ["loss.beta=0.3"]}
