@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from perpo_jax.data import shapes_scene
+from perpo_jax.data import ocr_text, shapes_scene
 
 
 class ConfigError(ValueError):
@@ -173,6 +173,15 @@ class DataConfig:
     # shapes_grounding box sides as fractions of image_size: [small min, small max, large min,
     # large max]; larger shapes need less pixel precision for IoU >= 0.5
     shape_sides: list[float] = field(default_factory=lambda: list(shapes_scene.SIDES))
+    # shapes_ocr text: font size (pixels), at most ocr_max_lines lines of ocr_max_words words
+    # (2-6 characters each), and ocr_pitch: 0 = the font's proportional spacing, > 0 = each
+    # character centred in a cell this many pixels wide (monospace: character k sits at a
+    # fixed offset from the first, an easier reading task, like less text)
+    ocr_font_size: int = 12
+    ocr_max_lines: int = ocr_text.MAX_LINES
+    ocr_max_words: int = ocr_text.MAX_WORDS
+    ocr_pitch: int = 0
+    ocr_placement: str = "random"  # random (anywhere) | left (a word crop: left edge, centred)
 
 
 @dataclass
@@ -406,6 +415,11 @@ def validate(cfg: Config) -> Config:
         shapes_scene.check_sides(cfg.data.shape_sides)
     except ValueError as e:
         raise ConfigError(f"data.shape_sides: {e}") from None
+    try:
+        ocr_text.check_text(cfg.data.ocr_font_size, cfg.data.ocr_max_lines,
+                            cfg.data.ocr_max_words, cfg.data.ocr_pitch, cfg.data.ocr_placement)
+    except ValueError as e:
+        raise ConfigError(f"data.ocr_{e}") from None  # e names the parameter: font_size: ...
     if not 0.0 <= cfg.m3po.alpha <= 1.0:
         raise ConfigError(f"m3po.alpha: must be in [0, 1], got {cfg.m3po.alpha}")
     if cfg.m3po.pairs != "none" and cfg.m3po.delta <= 0:

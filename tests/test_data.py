@@ -10,8 +10,8 @@ import pytest
 from array_record.python import array_record_module
 from PIL import Image, ImageDraw, ImageFont
 
-from perpo_jax.data import (refcoco_builders, refcoco_style, shapes_grounding, shapes_ocr,
-                            shapes_scene)
+from perpo_jax.data import (ocr_text, refcoco_builders, refcoco_style, shapes_grounding,
+                            shapes_ocr, shapes_scene)
 from perpo_jax.data.loader import ShardedLoader
 
 SIZE = 64
@@ -402,6 +402,25 @@ def _ink_crop(mask):
                                                                  xs.max() + 1, ys.max() + 1)
 
 
+def _check_ocr_pixels(examples, *, size: int, font_size: int, pattern: str) -> None:
+    """Each answer matches `pattern`, the ink lies in text_box, and the ink IS the answer drawn
+    by an independent re-render (the same glyph pixels, translated)."""
+    font = ImageFont.load_default(size=font_size)
+    for x in examples:
+        assert x["image"].shape == (size, size, 3) and x["question"] == b"What is the text in the image?"
+        answer = x["answer"].decode()
+        assert re.fullmatch(pattern, answer), answer
+        ink = (x["image"] < ocr_text.INK_THRESHOLD).all(-1)
+        assert (x["image"][~ink] >= 150).all()  # background is clearly light
+        crop, box = _ink_crop(ink)
+        np.testing.assert_allclose(x["text_box"] * size, box, atol=1e-4)
+        ref = Image.new("L", (200, 100), 0)
+        draw = ImageDraw.Draw(ref)
+        draw.fontmode = "1"
+        draw.multiline_text((10, 10), answer, fill=255, font=font, spacing=max(1, font_size // 4))
+        np.testing.assert_array_equal(crop, _ink_crop(np.asarray(ref) > 0)[0])
+
+
 def test_ocr_builder_deterministic_and_pixels_spell_the_answer(tmp_path):
     kw = dict(num_train=6, num_val=2, image_size=96, font_size=12)
     a = shapes_ocr.build(str(tmp_path / "a"), seed=1, **kw)
@@ -410,20 +429,29 @@ def test_ocr_builder_deterministic_and_pixels_spell_the_answer(tmp_path):
     for split in ("train", "val"):
         assert _raw_records(a, split) == _raw_records(b, split) != _raw_records(c, split)
     data = a.as_data_source()
-    font = ImageFont.load_default(size=12)
-    for x in [data["train"][i] for i in range(6)] + [data["val"][i] for i in range(2)]:
-        assert x["image"].shape == (96, 96, 3) and x["question"] == b"What is the text in the image?"
-        answer = x["answer"].decode()
-        assert re.fullmatch(r"[a-z0-9]{2,6}( [a-z0-9]{2,6})?(\n[a-z0-9]{2,6}( [a-z0-9]{2,6})?){0,2}",
-                            answer), answer
-        ink = (x["image"] < shapes_ocr.INK_THRESHOLD).all(-1)
-        assert (x["image"][~ink] >= 150).all()  # background is clearly light
-        crop, box = _ink_crop(ink)
-        np.testing.assert_allclose(x["text_box"] * 96, box, atol=1e-4)
-        # Independent re-render of the answer text: the same glyph pixels, translated.
-        ref = Image.new("L", (200, 100), 0)
-        draw = ImageDraw.Draw(ref)
-        draw.fontmode = "1"
-        draw.multiline_text((10, 10), answer, fill=255, font=font, spacing=3)
-        np.testing.assert_array_equal(crop, _ink_crop(np.asarray(ref) > 0)[0])
+    examples = [data["train"][i] for i in range(6)] + [data["val"][i] for i in range(2)]
+    _check_ocr_pixels(examples, size=96, font_size=12,
+                      pattern=r"[a-z0-9]{2,6}( [a-z0-9]{2,6})?(\n[a-z0-9]{2,6}( [a-z0-9]{2,6})?){0,2}")
     assert "tensorflow" not in sys.modules
+
+
+def test_ocr_text_settings_one_word_at_a_larger_font(tmp_path):
+    """data.ocr_font_size / ocr_max_lines / ocr_max_words: one word per image at 16 px on a
+    64 px image (the OCR demo base's task); the settings enter the dataset's name only when
+    not the defaults, and bad ones are refused naming the key."""
+    builder = shapes_ocr.build(str(tmp_path), num_train=5, num_val=1, image_size=64,
+                               font_size=16, max_lines=1, max_words=1)
+    assert builder.builder_config.name == "n5_v1_s64_f16_seed0_l1w1"
+    data = builder.as_data_source()
+    _check_ocr_pixels([data["train"][i] for i in range(5)] + [data["val"][0]], size=64,
+                      font_size=16, pattern=r"[a-z0-9]{2,6}")
+    from perpo_jax.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({}, ["data.ocr_font_size=16", "data.ocr_max_lines=1",
+                                "data.ocr_max_words=1"])
+    assert (cfg.data.ocr_font_size, cfg.data.ocr_max_lines, cfg.data.ocr_max_words) == (16, 1, 1)
+    for key, value in (("ocr_font_size", 5), ("ocr_max_lines", 0), ("ocr_max_words", 0)):
+        with pytest.raises(ConfigError, match=f"^data.{key}: "):
+            config_from_dict({}, [f"data.{key}={value}"])
+    with pytest.raises(ValueError, match="max_words"):
+        shapes_ocr.build(str(tmp_path / "bad"), max_words=0)

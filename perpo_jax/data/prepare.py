@@ -230,7 +230,9 @@ def _build_dataset(cfg: Config):
                                       relations=d.relations, sides=d.shape_sides), ()
     if d.source == "shapes_ocr":
         return shapes_ocr.build(d.data_dir, num_train=d.num_train, num_val=d.num_val,
-                                image_size=d.image_size, seed=d.seed), ()
+                                image_size=d.image_size, seed=d.seed, font_size=d.ocr_font_size,
+                                max_lines=d.ocr_max_lines, max_words=d.ocr_max_words,
+                                pitch=d.ocr_pitch, placement=d.ocr_placement), ()
     if d.source == "shapes_pope":  # num_train / num_val count images (up to 6 questions each)
         return shapes_pope.build(d.data_dir, num_train=d.num_train, num_val=d.num_val,
                                  image_size=d.image_size, seed=d.seed,

@@ -1,10 +1,10 @@
 """TFDS builder `shapes_ocr`: short random text lines rendered on noisy backgrounds.
 
-Each S x S image shows 1–3 lines of 1–2 random lowercase/digit "words" (2–6 characters),
-drawn in a dark colour with PIL's built-in font (`ImageFont.load_default(size)`, nothing
-downloaded; no anti-aliasing) on a light, noisy, tinted background. Background channels stay
->= 150 and ink channels <= 70, so ink pixels are exactly those with every channel below
-`INK_THRESHOLD`, and they all lie inside `text_box`.
+Each S x S image shows 1–`max_lines` lines (default 3) of 1–`max_words` random
+lowercase/digit "words" (default 2) of 2–6 characters at `font_size` pixels (proportional, or
+in monospace cells `pitch` pixels wide; anywhere, or at the left as a word crop), rendered by
+`perpo_jax.data.ocr_text` (dark ink on a light noisy background; the ink lies inside
+`text_box`).
 
 Features:
     image     uint8 [S, S, 3]
@@ -18,80 +18,40 @@ Deterministic: example i of split s comes from `np.random.default_rng([seed, s, 
 from __future__ import annotations
 
 import dataclasses
-import string
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image, ImageDraw, ImageFont
 
 from perpo_jax.data.local_builder import LocalBuilder
+from perpo_jax.data.ocr_text import MAX_LINES, MAX_WORDS, check_text, render_text
 
 OCR_QUESTION = "What is the text in the image?"
-ALPHABET = string.ascii_lowercase + string.digits
 _SPLIT_CODES = {"train": 0, "val": 1}
-INK_THRESHOLD = 110  # every channel of an ink pixel is below this, of a background pixel above
-
-
-def _random_text(rng: np.random.Generator) -> list[str]:
-    """1–3 lines of 1–2 words of 2–6 characters from ALPHABET."""
-    lines = []
-    for _ in range(int(rng.integers(1, 4))):
-        words = ["".join(rng.choice(list(ALPHABET), size=int(rng.integers(2, 7))))
-                 for _ in range(int(rng.integers(1, 3)))]
-        lines.append(" ".join(words))
-    return lines
-
-
-def render_text(rng: np.random.Generator, image_size: int, font_size: int):
-    """(image, lines, box_px): box_px = (x0, y0, x1, y1), exclusive end, tight around the ink.
-
-    The text is first rasterised (no anti-aliasing) into a 0/1 mask, so the box and the ink
-    pixels agree exactly; text is re-drawn until it fits with a 3-pixel margin.
-    """
-    font = ImageFont.load_default(size=font_size)
-    spacing = max(1, font_size // 4)
-    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    for _ in range(100):
-        lines = _random_text(rng)
-        text = "\n".join(lines)
-        left, top, right, bottom = probe.multiline_textbbox((0, 0), text, font=font,
-                                                            spacing=spacing)
-        width, height = right - left, bottom - top
-        if width + 6 <= image_size and height + 6 <= image_size:
-            break
-    else:
-        raise ValueError(f"image_size={image_size} cannot hold text at font_size={font_size}")
-    x = int(rng.integers(3, image_size - width - 2)) - left
-    y = int(rng.integers(3, image_size - height - 2)) - top
-    mask_image = Image.new("L", (image_size, image_size), 0)
-    draw = ImageDraw.Draw(mask_image)
-    draw.fontmode = "1"  # no anti-aliasing: every pixel is either ink or background
-    draw.multiline_text((x, y), text, fill=255, font=font, spacing=spacing)
-    mask = np.asarray(mask_image) > 0  # [S, S]
-    ys, xs = np.nonzero(mask)
-    tint = rng.integers(185, 236, size=3)
-    noise = rng.integers(-35, 20, size=(image_size, image_size, 3))
-    pixels = np.clip(tint + noise, 150, 255).astype(np.uint8)
-    pixels[mask] = rng.integers(0, 71, size=3).astype(np.uint8)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    return Image.fromarray(pixels, mode="RGB"), lines, box
 
 
 @dataclasses.dataclass
 class ShapesOcrConfig(tfds.core.BuilderConfig):
-    """num_train / num_val examples; image_size S; font_size in pixels; data seed."""
+    """num_train / num_val examples; image_size S; font_size in pixels; at most max_lines
+    lines of max_words words; data seed; pitch: 0 = proportional text, > 0 = monospace cells
+    of this many pixels; placement: random | left (see ocr_text.render_text)."""
 
     num_train: int = 2000
     num_val: int = 200
     image_size: int = 96
     font_size: int = 12
     seed: int = 0
+    max_lines: int = MAX_LINES
+    max_words: int = MAX_WORDS
+    pitch: int = 0
+    placement: str = "random"
 
 
 def make_example(cfg: ShapesOcrConfig, split: str, index: int) -> dict:
     """The feature dict of example `index` of `split`."""
     rng = np.random.default_rng([cfg.seed, _SPLIT_CODES[split], index])
-    image, lines, (x0, y0, x1, y1) = render_text(rng, cfg.image_size, cfg.font_size)
+    image, lines, (x0, y0, x1, y1) = render_text(rng, cfg.image_size, cfg.font_size,
+                                                 cfg.max_lines, cfg.max_words, cfg.pitch,
+                                                 cfg.placement)
     box = np.array([x0, y0, x1, y1], np.float32) / np.float32(cfg.image_size)
     return {"image": image, "question": OCR_QUESTION, "answer": "\n".join(lines),
             "text_box": box, "index": np.int32(index)}
@@ -127,11 +87,23 @@ class ShapesOcr(LocalBuilder):
 
 
 def build(data_dir: str, *, num_train: int = 2000, num_val: int = 200, image_size: int = 96,
-          font_size: int = 12, seed: int = 0) -> ShapesOcr:
-    """Prepare (or reuse) the dataset under `data_dir` and return its builder."""
+          font_size: int = 12, seed: int = 0, max_lines: int = MAX_LINES,
+          max_words: int = MAX_WORDS, pitch: int = 0, placement: str = "random") -> ShapesOcr:
+    """Prepare (or reuse) the dataset under `data_dir` and return its builder. The config
+    name encodes every setting (the line / word limits, pitch and placement only when not
+    the defaults, so datasets made before they existed keep their names)."""
+    check_text(font_size, max_lines, max_words, pitch, placement)
     name = f"n{num_train}_v{num_val}_s{image_size}_f{font_size}_seed{seed}"
+    if (max_lines, max_words) != (MAX_LINES, MAX_WORDS):
+        name += f"_l{max_lines}w{max_words}"
+    if pitch:
+        name += f"_pitch{pitch}"
+    if placement != "random":
+        name += f"_{placement}"
     config = ShapesOcrConfig(name=name, num_train=num_train, num_val=num_val,
-                             image_size=image_size, font_size=font_size, seed=seed)
+                             image_size=image_size, font_size=font_size, seed=seed,
+                             max_lines=max_lines, max_words=max_words, pitch=pitch,
+                             placement=placement)
     builder = ShapesOcr(data_dir=data_dir, config=config, file_format="array_record")
     builder.download_and_prepare()
     return builder
