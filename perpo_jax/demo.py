@@ -71,8 +71,8 @@ def _methods(text: str) -> list[str]:
 
 
 def demo_config(args) -> Config:
-    if args.train_base and args.task == "grounding":
-        name = "demo_base.yaml"
+    if args.train_base:
+        name = "demo_base.yaml" if args.task == "grounding" else "demo_ocr_base.yaml"
     else:
         name = "demo_shapes.yaml" if args.task == "grounding" else "demo_ocr.yaml"
     path = args.config or DEMO_CONFIGS / name

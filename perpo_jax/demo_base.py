@@ -25,14 +25,18 @@ from perpo_jax.atomic import atomic_dir
 from perpo_jax.config import Config, ConfigError, DataConfig
 
 BASE_CARD = "base_card.json"
-# The base shipped with the project (`demo.base_path: auto` uses it when it fits the task)
-SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "demo_base"
+# The bases shipped with the project, one per demo task (`demo.base_path: auto` uses the one
+# made for the config's task): grounding (configs/demo_base.yaml), OCR (demo_ocr_base.yaml)
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SHIPPED_BASE, SHIPPED_OCR_BASE = _ASSETS / "demo_base", _ASSETS / "demo_base_ocr"
+SHIPPED_BASES = (SHIPPED_BASE, SHIPPED_OCR_BASE)
 # data.* settings that define the task a base was trained for: generated example i depends
 # only on these (not on num_train / num_val), so a base fits a config that agrees on all of
 # them. TFDS shuffles records by key, so which example is the i-th val RECORD also depends on
 # num_val: a card's per-example numbers re-check only with the same num_val
 TASK_KEYS = ("task", "source", "image_size", "min_objects", "max_objects", "relations", "seed",
-             "shape_sides")
+             "shape_sides", "ocr_font_size", "ocr_max_lines", "ocr_max_words", "ocr_pitch",
+             "ocr_placement")
 
 
 def task_signature(data_config) -> dict:
@@ -60,25 +64,29 @@ def _mismatch(card: dict, cfg: Config) -> dict:
     return {k: (theirs[k], ours[k]) for k in TASK_KEYS if theirs[k] != ours[k]}
 
 
-def resolve_base_path(cfg: Config, shipped: Path = SHIPPED_BASE) -> tuple[str | None, str]:
+def resolve_base_path(cfg: Config, shipped=SHIPPED_BASES) -> tuple[str | None, str]:
     """(absolute base dir or None = train the warm-up in-process, why in one line).
 
-    demo.base_path: null → None; "auto" → `shipped` when it exists and its card's task
-    (`TASK_KEYS`) equals cfg.data's, else None; a path → that dir (ConfigError when it is not
-    a directory; a task mismatch is only reported, the user asked for that base).
+    demo.base_path: null → None; "auto" → the first dir of `shipped` that exists and whose
+    card's task (`TASK_KEYS`) equals cfg.data's, else None; a path → that dir (ConfigError
+    when it is not a directory; a task mismatch is only reported, the user asked for that base).
     """
     value = cfg.demo.base_path
     if value is None:
         return None, "demo.base_path=null: training the SFT warm-up in-process"
     if value == "auto":
-        if not shipped.is_dir():
-            return None, (f"no shipped base at {shipped}: training the SFT warm-up in-process "
-                          "(make one with `perpo-jax demo --train-base --out DIR`)")
-        diff = _mismatch(read_card(str(shipped)), cfg)
-        if diff:
-            return None, (f"the shipped base {shipped} was made for another task (data.* base "
-                          f"vs this config: {diff}): training the SFT warm-up in-process")
-        return str(shipped), f"aligning from the shipped base {shipped}"
+        present = [Path(p) for p in shipped if Path(p).is_dir()]
+        if not present:
+            return None, (f"no shipped base in {', '.join(map(str, shipped))}: training the SFT "
+                          "warm-up in-process (make one with `perpo-jax demo --train-base --out "
+                          "DIR`)")
+        diffs = {}
+        for base in present:
+            diffs[base.name] = _mismatch(read_card(str(base)), cfg)
+            if not diffs[base.name]:
+                return str(base), f"aligning from the shipped base {base}"
+        return None, (f"the shipped bases were made for other tasks (data.* base vs this "
+                      f"config: {diffs}): training the SFT warm-up in-process")
     path = os.path.abspath(os.path.expanduser(value))
     if not os.path.isdir(path):
         raise ConfigError(f"demo.base_path: {value} is not a directory")

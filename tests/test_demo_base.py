@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tiny_run import TINY_MODEL
 
+from perpo_jax.demo_base import SHIPPED_BASE, SHIPPED_OCR_BASE, read_card, resolve_base_path
 from perpo_jax.demo_report import (ShuffledImages, format_table, image_derangement,
                                    shuffle_gap)
 from perpo_jax.metrics import paired_bootstrap_gain
@@ -65,36 +66,36 @@ def test_table_has_one_aligned_column_per_metric():
     assert "+0.050 [+0.010,+0.090]" in lines[3]
 
 
-def test_shipped_base_loads_and_matches_its_card(tmp_path):
-    """assets/demo_base, made by the command its card records, grounds imperfectly (the
-    30-60 % a base worth aligning needs), loads like a user's checkpoint, re-scores the first
-    val examples exactly as recorded, and `demo.base_path: auto` picks it for its own task
-    only."""
+@pytest.mark.parametrize("base, headline", [(SHIPPED_BASE, "acc@0.5"), (SHIPPED_OCR_BASE, "ned")],
+                         ids=["grounding", "ocr"])
+def test_shipped_base_loads_and_matches_its_card(tmp_path, base, headline):
+    """assets/demo_base (grounding) and assets/demo_base_ocr, each made by the command its card
+    records, ground / read imperfectly (Acc@0.5 or NED in the 30-60 % a base worth aligning
+    needs), load like a user's checkpoint, re-score the first val examples exactly as
+    recorded, and `demo.base_path: auto` picks each for its own task only."""
     from perpo_jax.config import config_from_dict
     from perpo_jax.data import prepare
-    from perpo_jax.demo_base import SHIPPED_BASE, read_card, resolve_base_path
     from perpo_jax.evaluate import evaluate
     from perpo_jax.hf import load_pretrained
 
-    card = read_card(str(SHIPPED_BASE))
-    assert card["command"].startswith("perpo-jax demo --train-base --out ")
-    assert card["val_examples"] == 500 and 0.30 <= card["val_metrics"]["acc@0.5"] <= 0.60
-    assert sum(f.stat().st_size for f in SHIPPED_BASE.iterdir()) <= 20 * 2**20
+    card = read_card(str(base))
+    assert card["command"].startswith("perpo-jax demo ") and "--train-base --out " in card["command"]
+    assert card["val_examples"] == 500 and 0.30 <= card["val_metrics"][headline] <= 0.60
+    assert sum(f.stat().st_size for f in base.iterdir()) <= 20 * 2**20
     # its own config and val split (TFDS shuffles records by key, so the first records depend
     # on the split's size), one train example, scored on the first 4 val records
     cfg = config_from_dict(card["config"], [
-        f"model.hf_path={SHIPPED_BASE}", f"data.data_dir={tmp_path / 'data'}",
+        f"model.hf_path={base}", f"data.data_dir={tmp_path / 'data'}",
         f"train.out_dir={tmp_path / 'run'}", "data.num_train=1", "eval.num_examples=4"])
     data = prepare.prepare_data(cfg, progress=False)
-    res = evaluate(load_pretrained(str(SHIPPED_BASE)), data, cfg, split="val", progress=False)
+    res = evaluate(load_pretrained(str(base)), data, cfg, split="val", progress=False)
     assert res.texts == card["val_predictions"][:4]
     # auto: the shipped base for its own task, the in-process warm-up for another task
     same_task = config_from_dict(card["config"], ["demo.base_path=auto"])
-    assert resolve_base_path(same_task)[0] == str(SHIPPED_BASE)
-    other_task = config_from_dict({}, ["data.min_objects=1", "data.max_objects=2",
-                                       "data.relations=false"])
+    assert resolve_base_path(same_task)[0] == str(base)
+    other_task = config_from_dict(card["config"], ["demo.base_path=auto", "data.seed=7"])
     path, why = resolve_base_path(other_task)
-    assert path is None and "another task" in why
+    assert path is None and "other tasks" in why and "'seed': (0, 7)" in why
 
 
 def test_train_base_then_align_from_it(shared, tmp_path, capsys):
@@ -177,3 +178,18 @@ def test_train_base_then_align_from_it(shared, tmp_path, capsys):
     written = json.loads((out / "report.json").read_text())
     assert "scores" not in written["results"]["rft"]
     assert "gain acc@0.5 [95% CI]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["grounding", "ocr"])
+def test_train_base_config_makes_the_demos_task(task):
+    """`perpo-jax demo [--task ocr] --train-base` trains a base for exactly the task the demo
+    of that task aligns on (so `demo.base_path: auto` finds it), from scratch (base_path null)."""
+    from perpo_jax import demo
+    from perpo_jax.demo_base import task_signature
+
+    base_cfg = demo.demo_config(demo.parse_args(["--task", task, "--train-base", "--out", "X"]))
+    demo_cfg = demo.demo_config(demo.parse_args(["--task", task]))
+    assert task_signature(base_cfg.data) == task_signature(demo_cfg.data)
+    assert base_cfg.data.task == task and base_cfg.demo.base_path is None
+    assert demo_cfg.demo.base_path == "auto"
+    assert base_cfg.model == demo_cfg.model  # the same tiny LLaVA (and tokenizer size)
