@@ -2,6 +2,7 @@
 
     python bench/demo_seeds.py --seeds 0 1 2 --out runs/demo_seeds [section.key=value ...]
     python bench/demo_seeds.py --base assets/demo_base ...      # align from a shipped base
+    python bench/demo_seeds.py --task ocr ...                    # perpo-jax demo --task ocr
     python bench/demo_seeds.py --reports A/report.json B/report.json   # aggregate only
 
 Each seed is a separate `perpo-jax demo --out OUT/seedS train.seed=S ...` process (the same
@@ -22,24 +23,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, however run
 from timing import machine_info  # noqa: E402
 
-METRICS = ("acc@0.5", "mean_iou")
+# per task: the metrics summarised, the first one the headline; which are lower-is-better
+METRICS = {"grounding": ("acc@0.5", "mean_iou"), "ocr": ("ned", "edit_similarity", "char_f1")}
+LOWER_IS_BETTER = ("ned",)
 OPTIONAL_METRICS = ("pope_f1",)
 ORDER = ("perpo", "dpo", "sft_warmup")  # the paper's claim: PerPO > DPO > SFT
 ISSUE_ORDER = ("perpo", "dpo", "sft")  # issue 16's goal: PerPO > DPO > continued SFT
 
 
-def seed_command(seed: int, out: Path, overrides: list[str], base: str | None) -> list[str]:
+def seed_command(seed: int, out: Path, overrides: list[str], base: str | None,
+                 task: str = "grounding") -> list[str]:
     """One seed's demo process; with `base`, every seed aligns from that same base dir (the
     seed then changes the sampling and the data order, not the starting model)."""
     base_override = [] if base is None else [f"demo.base_path={os.path.abspath(base)}"]
-    return [sys.executable, "-m", "perpo_jax.cli", "demo", "--out", str(out / f"seed{seed}"),
-            f"train.seed={seed}", *base_override, *overrides]
+    return [sys.executable, "-m", "perpo_jax.cli", "demo", "--task", task,
+            "--out", str(out / f"seed{seed}"), f"train.seed={seed}", *base_override, *overrides]
 
 
 def run_seed(seed: int, out: Path, overrides: list[str],
-             base: str | None = None) -> tuple[Path, float]:
+             base: str | None = None, task: str = "grounding") -> tuple[Path, float]:
     run_dir = out / f"seed{seed}"
-    cmd = seed_command(seed, out, overrides, base)
+    cmd = seed_command(seed, out, overrides, base, task)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # The demo's own prints go to a log beside its report so stdout stays one JSON object.
@@ -54,16 +58,19 @@ def _stats(vals: list[float]) -> dict:
 
 
 def _order_held(reports: list[dict], order: tuple, key: str) -> list[bool]:
-    """Per seed whose report has every method of `order`: did order[0] > order[1] > ... hold?"""
-    return [all(r["results"][a]["metrics"][key] > r["results"][b]["metrics"][key]
+    """Per seed whose report has every method of `order`: was order[0] better than order[1]
+    than ... on `key` (lower for LOWER_IS_BETTER metrics)?"""
+    sign = -1.0 if key in LOWER_IS_BETTER else 1.0
+    return [all(sign * r["results"][a]["metrics"][key] > sign * r["results"][b]["metrics"][key]
                 for a, b in zip(order, order[1:]))
             for r in reports if all(m in r["results"] for m in order)]
 
 
 def summarise(reports: list[dict]) -> dict:
     methods = list(reports[0]["results"])
+    metrics = METRICS[reports[0].get("task", "grounding")]
     # shapes-POPE F1 where every report has it (demo.pope_images > 0)
-    keys = METRICS + tuple(k for k in OPTIONAL_METRICS
+    keys = metrics + tuple(k for k in OPTIONAL_METRICS
                            if all(k in res["metrics"] for r in reports
                                   for res in r["results"].values()))
 
@@ -78,8 +85,8 @@ def summarise(reports: list[dict]) -> dict:
                               for r in reports if m in r["results"]]) for key in keys}
              for m in methods if m != "sft_warmup"}
     # an ordering whose methods a run did not train is reported as [] (no seed to judge)
-    held = {key: _order_held(reports, ORDER, key) for key in METRICS}
-    held_sft = {key: _order_held(reports, ISSUE_ORDER, key) for key in METRICS}
+    held = {key: _order_held(reports, ORDER, key) for key in metrics}
+    held_sft = {key: _order_held(reports, ISSUE_ORDER, key) for key in metrics}
     # each seed's own paired bootstrap interval of the gain (reports of demos that have them)
     intervals = {m: [r["results"][m].get("gain_over_base") for r in reports if m in r["results"]]
                  for m in methods if m != "sft_warmup"}
@@ -93,6 +100,7 @@ def summarise(reports: list[dict]) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--task", choices=tuple(METRICS), default="grounding")
     p.add_argument("--out", default="runs/demo_seeds")
     p.add_argument("--reports", nargs="*", default=None, help="aggregate these report.json files")
     p.add_argument("--base", default=None, help="base dir every seed aligns from "
@@ -105,7 +113,7 @@ def main(argv=None) -> dict:
     else:
         paths = []
         for seed in args.seeds:
-            path, wall = run_seed(seed, Path(args.out), args.overrides, args.base)
+            path, wall = run_seed(seed, Path(args.out), args.overrides, args.base, args.task)
             paths.append(path)
             walls.append(wall)
     reports = [json.loads(path.read_text()) for path in paths]

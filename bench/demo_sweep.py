@@ -38,6 +38,11 @@ SETTINGS = {
     "min_margin=0.05": ["data.min_margin=0.05"], "min_margin=0.3": ["data.min_margin=0.3"],
     "rounds=6": ["train.rounds=6"], "rounds=24": ["train.rounds=24"],
     "rounds=36": ["train.rounds=36"], "epochs=3": ["train.epochs=3"],
+    "lr=2e-4": ["optim.lr=2e-4"], "lr=5e-5": ["optim.lr=5e-5"],
+    # larger updates: 64 lists per update on the same rounds (half the updates), or on twice
+    # the prompts per round (same updates, twice the samples)
+    "lists=64": ["train.lists_per_step=64"],
+    "lists=64,prompts=1024": ["train.lists_per_step=64", "sampling.prompts_per_round=1024"],
     "from_reference": ["sampling.from_reference=true"],
 }
 TINY_SETTINGS = {"baseline": [], "beta=0.3": ["loss.beta=0.3"]}

@@ -67,6 +67,28 @@ def test_m3po_reports_without_dpo_aggregate_pope_f1(tmp_path):
     assert out["perpo_gt_dpo_gt_sft_per_seed"] == {"acc@0.5": [], "mean_iou": []}
 
 
+def test_ocr_reports_order_by_lower_ned(tmp_path):
+    """OCR demos (`--task ocr`): NED, edit similarity and char F1 are summarised, and the
+    orderings read NED as lower-is-better."""
+    ned = {0: {"sft_warmup": 0.50, "perpo": 0.40, "dpo": 0.45, "sft": 0.48},
+           1: {"sft_warmup": 0.50, "perpo": 0.47, "dpo": 0.44, "sft": 0.49}}
+    paths = []
+    for seed, methods in ned.items():
+        results = {m: {"metrics": {"ned": v, "edit_similarity": 1 - v, "char_f1": 1 - v}}
+                   for m, v in methods.items()}
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps({"task": "ocr", "results": results, "seconds": 1.0}))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--reports", *map(str, paths)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out["methods"]["perpo"]) == {"ned", "edit_similarity", "char_f1"}
+    assert out["gain_over_sft_warmup"]["perpo"]["ned"]["values"] == pytest.approx([-0.10, -0.03])
+    # seed 0: NED 0.40 < 0.45 < 0.48 holds; seed 1: DPO's 0.44 beats PerPO's 0.47
+    assert out["perpo_gt_dpo_gt_continued_sft_per_seed"]["ned"] == [True, False]
+    assert out["perpo_gt_dpo_gt_continued_sft_per_seed"]["edit_similarity"] == [True, False]
+
+
 def test_seeds_align_from_a_given_base(tmp_path):
     sys.path.insert(0, str(SCRIPT.parent))
     try:
@@ -79,6 +101,9 @@ def test_seeds_align_from_a_given_base(tmp_path):
     assert cmd[-1] == "eval.num_examples=4" and "train.seed=2" in cmd
     no_base = demo_seeds.seed_command(0, tmp_path, [], None)
     assert not any(c.startswith("demo.base_path") for c in no_base)
+    assert no_base[no_base.index("--task") + 1] == "grounding"
+    ocr = demo_seeds.seed_command(0, tmp_path, [], None, task="ocr")
+    assert ocr[ocr.index("--task") + 1] == "ocr"
 
 
 SWEEP = SCRIPT.parent / "demo_sweep.py"
