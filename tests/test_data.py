@@ -435,22 +435,37 @@ def test_ocr_builder_deterministic_and_pixels_spell_the_answer(tmp_path):
     assert "tensorflow" not in sys.modules
 
 
-def test_ocr_text_settings_one_word_at_a_larger_font(tmp_path):
-    """data.ocr_font_size / ocr_max_lines / ocr_max_words: one word per image at 16 px on a
-    64 px image (the OCR demo base's task); the settings enter the dataset's name only when
-    not the defaults, and bad ones are refused naming the key."""
+def test_ocr_text_settings(tmp_path):
+    """data.ocr_font_size / ocr_max_lines / ocr_max_words / ocr_pitch / ocr_placement: one word
+    per image at 16 px on a 64 px image, and the OCR demo's monospace word crops; the settings
+    enter the dataset's name only when not the defaults, and bad ones are refused naming the
+    key."""
     builder = shapes_ocr.build(str(tmp_path), num_train=5, num_val=1, image_size=64,
                                font_size=16, max_lines=1, max_words=1)
     assert builder.builder_config.name == "n5_v1_s64_f16_seed0_l1w1"
     data = builder.as_data_source()
     _check_ocr_pixels([data["train"][i] for i in range(5)] + [data["val"][0]], size=64,
                       font_size=16, pattern=r"[a-z0-9]{2,6}")
+    # the OCR demo's task: 8 px monospace cells, left-placed; ink starts 4 px from the left
+    # edge, is vertically centred, and n characters span more than n - 1 cells (proportional
+    # 12 px text of narrow letters would not) and at most n
+    crops = shapes_ocr.build(str(tmp_path / "crops"), num_train=12, num_val=1, image_size=64,
+                             max_lines=1, max_words=1, pitch=8, placement="left")
+    assert crops.builder_config.name == "n12_v1_s64_f12_seed0_l1w1_pitch8_left"
+    for x in (crops.as_data_source()["train"][i] for i in range(12)):
+        answer = x["answer"].decode()
+        assert re.fullmatch(r"[a-z0-9]{2,6}", answer), answer
+        x0, y0, x1, y1 = np.round(x["text_box"] * 64).astype(int)
+        assert x0 == 4 and y0 == (64 - (y1 - y0)) // 2, (x0, y0, x1, y1)
+        assert 8 * (len(answer) - 1) < x1 - x0 <= 8 * len(answer), (answer, x1 - x0)
+
     from perpo_jax.config import ConfigError, config_from_dict
 
     cfg = config_from_dict({}, ["data.ocr_font_size=16", "data.ocr_max_lines=1",
                                 "data.ocr_max_words=1"])
     assert (cfg.data.ocr_font_size, cfg.data.ocr_max_lines, cfg.data.ocr_max_words) == (16, 1, 1)
-    for key, value in (("ocr_font_size", 5), ("ocr_max_lines", 0), ("ocr_max_words", 0)):
+    for key, value in (("ocr_font_size", 5), ("ocr_max_lines", 0), ("ocr_max_words", 0),
+                       ("ocr_pitch", -1), ("ocr_placement", "top")):
         with pytest.raises(ConfigError, match=f"^data.{key}: "):
             config_from_dict({}, [f"data.{key}={value}"])
     with pytest.raises(ValueError, match="max_words"):

@@ -82,9 +82,8 @@ def render_text(rng: np.random.Generator, image_size: int, font_size: int,
     character centred in a cell `pitch` pixels wide (`draw_cells`). placement: random = the
     text block anywhere with a 3-pixel margin; left = its ink starts 4 pixels from the left
     edge, vertically centred (a word crop, as a text detector hands it to a recogniser; see
-    PLACEMENTS). The text is first
-    rasterised (no anti-aliasing) into a 0/1 mask, so the box and the ink pixels agree
-    exactly; text is re-drawn until it fits with a 3-pixel margin.
+    PLACEMENTS). The text is first rasterised (no anti-aliasing) into a 0/1 mask, so the box
+    and the ink pixels agree exactly; text is re-drawn until it fits with a 3-pixel margin.
     """
     font = ImageFont.load_default(size=font_size)
     spacing = max(1, font_size // 4)
