@@ -1,6 +1,7 @@
 """A small sweep over the demo's alignment recipe from one base: one JSON line per setting.
 
     python bench/demo_sweep.py --base assets/demo_base --out runs/demo_sweep [section.key=value ...]
+    python bench/demo_sweep.py --task ocr --base assets/demo_base_ocr --only lr=2e-5 ...
     python bench/demo_sweep.py --tiny --dry-run                    # the plan only, in seconds
     python bench/demo_sweep.py --reports baseline=A/report.json beta=0.3=B/report.json
 
@@ -28,7 +29,7 @@ from timing import machine_info  # noqa: E402
 # name -> overrides; "baseline" is the config's own recipe
 SETTINGS = {
     "baseline": [],
-    "beta=0.05": ["loss.beta=0.05"], "beta=0.3": ["loss.beta=0.3"],
+    "beta=0.05": ["loss.beta=0.05"], "beta=0.3": ["loss.beta=0.3"], "beta=1": ["loss.beta=1.0"],
     "gamma=0.25": ["loss.gamma=0.25"], "gamma=1": ["loss.gamma=1.0"],
     "lr=1e-4": ["optim.lr=1e-4"], "lr=1e-3": ["optim.lr=1e-3"],
     "K=4": ["sampling.num_samples=4", "train.num_candidates=4"],
@@ -38,7 +39,7 @@ SETTINGS = {
     "min_margin=0.05": ["data.min_margin=0.05"], "min_margin=0.3": ["data.min_margin=0.3"],
     "rounds=6": ["train.rounds=6"], "rounds=24": ["train.rounds=24"],
     "rounds=36": ["train.rounds=36"], "epochs=3": ["train.epochs=3"],
-    "lr=2e-4": ["optim.lr=2e-4"], "lr=5e-5": ["optim.lr=5e-5"],
+    "lr=2e-4": ["optim.lr=2e-4"], "lr=5e-5": ["optim.lr=5e-5"], "lr=2e-5": ["optim.lr=2e-5"],
     # larger updates: 64 lists per update on the same rounds (half the updates), or on twice
     # the prompts per round (same updates, twice the samples)
     "lists=64": ["train.lists_per_step=64"],
@@ -51,10 +52,11 @@ HEADLINE = {"grounding": "acc@0.5", "ocr": "ned"}
 
 
 def demo_command(name: str, overrides: list[str], *, base: str, out: Path, methods: str,
-                 extra: list[str]) -> list[str]:
+                 extra: list[str], task: str = "grounding") -> list[str]:
     """The demo process of one setting (settings' overrides after the user's, so they win)."""
-    return [sys.executable, "-m", "perpo_jax.cli", "demo", "--out", str(out / name),
-            "--method", methods, f"demo.base_path={base}", *extra, *overrides]
+    return [sys.executable, "-m", "perpo_jax.cli", "demo", "--task", task,
+            "--out", str(out / name), "--method", methods, f"demo.base_path={base}", *extra,
+            *overrides]
 
 
 def run_setting(cmd: list[str], run_dir: Path) -> tuple[Path, float]:
@@ -114,6 +116,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--base", default=None, help="base dir (perpo-jax demo --train-base)")
     p.add_argument("--out", default="runs/demo_sweep")
     p.add_argument("--methods", default=DEFAULT_METHODS)
+    p.add_argument("--task", choices=tuple(HEADLINE), default="grounding")
     p.add_argument("--only", nargs="*", default=None, help="run only these settings")
     p.add_argument("--tiny", action="store_true", help="two settings (baseline, beta=0.3)")
     p.add_argument("--dry-run", action="store_true", help="print each setting's command only")
@@ -139,7 +142,7 @@ def main(argv=None) -> list[dict]:
         out = Path(args.out)
         for name, overrides in settings.items():
             cmd = demo_command(name, overrides, base=args.base or "BASE", out=out,
-                               methods=args.methods, extra=args.overrides)
+                               methods=args.methods, extra=args.overrides, task=args.task)
             if args.dry_run:
                 print(json.dumps({"setting": name, "overrides": overrides, "command": cmd[1:]}))
                 continue
