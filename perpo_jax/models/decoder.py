@@ -72,9 +72,10 @@ def grouped_attention(q_bgtnh, k_bgskh, v_bgskh, own_mask_bgts, prefix=None, cau
     b, g, t, n, h = q_bgtnh.shape
     s, kv_heads = k_bgskh.shape[2], k_bgskh.shape[-2]
     if causal and prefix is None and t == s and t > 2 * CAUSAL_BLOCK:
-        blocks = tuple((lo, min(lo + CAUSAL_BLOCK, t)) for lo in range(0, t, CAUSAL_BLOCK))
+        blocks = tuple((lo, min(lo + CAUSAL_BLOCK, t), min(lo + CAUSAL_BLOCK, t))
+                       for lo in range(0, t, CAUSAL_BLOCK))
     else:
-        blocks = ((0, t),)
+        blocks = ((0, t, s),)
     # Queries go to [B, G, K, R, T, H] so every score tensor is [B, G, K, R, T, S|P]: the layout
     # a batched matmul writes and reads without transposes (keys stay as stored: a decode
     # step never copies its cache).
@@ -91,12 +92,12 @@ _OWN_KEY_GRAD, _PRE_KEY_GRAD = "bgkrts,bgkrth->bgskh", "bgkrtp,bgkrth->bpkh"
 
 
 def _block_inputs(blocks, q, k_own, v_own, own_mask):
-    """Per query block (lo, hi): its queries, the own keys/values it can see (those before hi:
-    the whole segment when there is one block) and its mask rows."""
+    """Per query block (lo, hi, seen): its queries, the own keys/values it can see (the first
+    `seen`) and its mask rows; one block covering everything passes the inputs as they are."""
     if len(blocks) == 1:
         return [(q, k_own, v_own, own_mask)]
-    return [(q[..., lo:hi, :], k_own[:, :, :hi], v_own[:, :, :hi], own_mask[:, :, lo:hi, :hi])
-            for lo, hi in blocks]
+    return [(q[..., lo:hi, :], k_own[:, :, :seen], v_own[:, :, :seen],
+             own_mask[:, :, lo:hi, :seen]) for lo, hi, seen in blocks]
 
 
 def _attention_probs(q, k_own, own_mask, prefix):
@@ -143,12 +144,11 @@ def _attend_bwd(blocks, res, d_out):
     dk_pre = dv_pre = None
     dq_blocks = []
     inputs = _block_inputs(blocks, q, k_own, v_own, own_mask)
-    for (lo, hi), (q_blk, k_blk, v_blk, _), (p_pre, p_own) in zip(blocks, inputs, probs):
+    for (lo, hi, seen), (q_blk, k_blk, v_blk, _), (p_pre, p_own) in zip(blocks, inputs, probs):
         do_blk, row_blk = d_out[..., lo:hi, :], row[..., lo:hi, :]
         dp_own = jnp.einsum(_OWN_SCORES, do_blk, v_blk, preferred_element_type=f32)
         ds_own = ((p_own * (dp_own - row_blk)) * scale).astype(q.dtype)
         dq_blk = jnp.einsum(_OWN_VALUES, ds_own, k_blk, preferred_element_type=f32)
-        seen = hi if len(blocks) > 1 else k_own.shape[2]
         dv_own = dv_own.at[:, :, :seen].add(
             jnp.einsum(_OWN_KEY_GRAD, p_own.astype(do_blk.dtype), do_blk, preferred_element_type=f32))
         dk_own = dk_own.at[:, :, :seen].add(
@@ -169,8 +169,9 @@ def _attend_bwd(blocks, res, d_out):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attend(blocks, q_bgkrth, k_bgskh, v_bgskh, own_mask_bgts, prefix):
-    """Attention core, [B, G, K, R, T, H] in and out; `blocks`: static query blocks (lo, hi),
-    each scoring the own keys before hi (one block (0, T) scores all of them). A custom VJP
+    """Attention core, [B, G, K, R, T, H] in and out; `blocks`: static query blocks
+    (lo, hi, seen), each scoring the first `seen` own keys (one block (0, T, S) scores all of
+    them; a causal block sees the keys before its end). A custom VJP
     because autodiff of the masked float32 softmax kept the scores AND the probabilities and
     re-laid them out between its passes (see bench/list_step.py's before/after in the README)."""
     return _attend_fwd(blocks, q_bgkrth, k_bgskh, v_bgskh, own_mask_bgts, prefix)[0]
