@@ -137,12 +137,27 @@ class DataConfig:
     # shapes_grounding | shapes_ocr | shapes_pope (yes/no object questions, data.task=pope) |
     # refcoco_style (JSONL) | refer (refer-toolkit refs(*).p +
     # instances.json) | official_json (pre-sampled PerPO lists) | page_ocr (page image + its
-    # full text, data.task=ocr; layout in data.ocr_format)
+    # full text, data.task=ocr; layout in data.ocr_format) | hf_preference (preference pairs
+    # or scored lists in parquet / arrow / datasets save_to_disk dirs, train.mode=offline;
+    # docs/preference_data.md)
     source: str = "shapes_grounding"
     data_dir: str = "runs/data"
     # annotation file (refcoco_style / official_json) or refer dataset dir (refer: holds
-    # refs(<split_by>).p and instances.json)
+    # refs(<split_by>).p and instances.json); hf_preference: a parquet / arrow file, a glob
+    # of them, or a folder of shards / a datasets save_to_disk folder
     path: str | None = None
+    # hf_preference columns; image / prompt null = the first present of image, images,
+    # image_path, img_path / question, prompt, messages, conversations. A file with the
+    # chosen + rejected columns holds pairs (rewards 1 / 0), else responses + scores lists
+    pref_image_column: str | None = None
+    pref_prompt_column: str | None = None
+    pref_chosen_column: str = "chosen"
+    pref_rejected_column: str = "rejected"
+    pref_responses_column: str = "responses"
+    pref_scores_column: str = "scores"
+    # hf_preference split: of a DatasetDict dir (default train, or its only split), or the
+    # shards of a folder named <split>-* / in its <split>/ subfolder (default: all shards)
+    pref_split: str | None = None
     # page_ocr layout: jsonl ({"image", "text"} per line) | fox (the Fox benchmark's page-OCR
     # JSON); see perpo_jax.data.page_ocr. Images are relative to data.image_dir (page_ocr
     # without image_dir: the annotation file's directory)
@@ -265,7 +280,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mode": ("online", "offline"),
     "data.source": ("shapes_grounding", "shapes_ocr", "shapes_pope", "refcoco_style", "refer",
-                    "official_json", "page_ocr"),
+                    "official_json", "page_ocr", "hf_preference"),
     "data.template": ("auto", "chat_template", "llava_v1", "qwen_1_5"),
     "data.ocr_format": ("jsonl", "fox"),
     "data.image_aspect_ratio": ("pad", "crop", "checkpoint"),
@@ -427,13 +442,34 @@ def validate(cfg: Config) -> Config:
     if cfg.m3po.pairs != "none" and cfg.train.mode != "online":
         raise ConfigError(f"m3po.pairs={cfg.m3po.pairs!r} selects pairs among the policy's own "
                           "samples: it needs train.mode=online")
-    if cfg.data.source in ("refcoco_style", "refer", "official_json",
-                           "page_ocr") and not cfg.data.path:
+    if cfg.data.source in ("refcoco_style", "refer", "official_json", "page_ocr",
+                           "hf_preference") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r}")
+    if cfg.data.source == "hf_preference":
+        _validate_pref_columns(cfg)
     if cfg.data.source == "page_ocr" and cfg.data.task != "ocr":
         raise ConfigError(f"data.task: data.source='page_ocr' holds OCR pages, needs "
                           f"data.task=ocr, got {cfg.data.task!r}")
     return cfg
+
+
+def _validate_pref_columns(cfg: Config) -> None:
+    d = cfg.data
+    if cfg.train.mode != "offline":
+        raise ConfigError("train.mode: data.source='hf_preference' holds pre-scored lists (the "
+                          "file's rewards, no task reward applies): needs train.mode=offline")
+    names = {f"data.{k}": getattr(d, k) for k in (
+        "pref_image_column", "pref_prompt_column", "pref_chosen_column", "pref_rejected_column",
+        "pref_responses_column", "pref_scores_column", "pref_split")}
+    for key, value in names.items():
+        if value is not None and not value.strip():
+            raise ConfigError(f"{key}: empty; give a column name (or null for the default)")
+    if d.pref_chosen_column == d.pref_rejected_column:
+        raise ConfigError(f"data.pref_rejected_column: the same column as "
+                          f"data.pref_chosen_column ({d.pref_chosen_column!r})")
+    if d.pref_responses_column == d.pref_scores_column:
+        raise ConfigError(f"data.pref_scores_column: the same column as "
+                          f"data.pref_responses_column ({d.pref_responses_column!r})")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
