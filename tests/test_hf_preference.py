@@ -12,14 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 from tiny_run import tiny_cfg
 
 from perpo_jax import cli
-from perpo_jax.config import ConfigError, load_config
+from perpo_jax.config import ConfigError, config_to_dict, load_config
 from perpo_jax.data import hf_preference, pref_files, prepare
 from perpo_jax.data.hf_preference import PreferenceColumns, read_preference_lists
 from perpo_jax.data.refcoco_style import DataFileError
+from perpo_jax.train.loop import train
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -337,8 +339,8 @@ def test_dataset_cache_is_keyed_on_file_content_and_columns(tmp_path):
     assert edited.built and "changed since rlaif_" in edited.cache_reason
     questions = sorted(prepare.text_of(edited.train_text[i]["question"]) for i in range(2))
     assert questions == ["What is in picture 5?", "What is in picture 6?"]
-    swapped = prepare.prepare_data(tiny_cfg(tmp_path, *overrides, "data.pref_chosen_column=rejected",
-                                            "data.pref_rejected_column=chosen"), progress=False)
+    swap = ("data.pref_chosen_column=rejected", "data.pref_rejected_column=chosen")
+    swapped = prepare.prepare_data(tiny_cfg(tmp_path, *overrides, *swap), progress=False)
     assert swapped.built
     example = prepare.record_example(swapped.train[0])
     assert example.responses[0].startswith("A dog") and example.rewards.tolist() == [1.0, 0.0]
@@ -357,32 +359,49 @@ def _round_lists(out_dir):
         return {k: z[k] for k in ("rewards", "list_mask", "response_mask")}
 
 
-@pytest.mark.parametrize("loss", ["perpo", "lipo"])
-def test_offline_perpo_and_lipo_train_on_rlaifv_pairs(tmp_path, loss):
-    path = _train_file(tmp_path)
-    cfg = tiny_cfg(tmp_path, "data.source=hf_preference", f"data.path={path}",
-                   "train.mode=offline", "train.steps=0", "train.epochs=1", f"loss.name={loss}")
-    from perpo_jax.train.loop import train
+def _scored_arrow(tmp_path, n=8) -> list[str]:
+    """A list-layout Arrow stream file (3 scored responses per row), images by path."""
+    (tmp_path / "img").mkdir()
+    for i in range(n):
+        Image.fromarray(_pixels(i)).save(tmp_path / "img" / f"{i}.png")
+    table = pa.table({
+        "image": [f"{i}.png" for i in range(n)],
+        "prompt": [f"<image>\nDescribe picture {i}." for i in range(n)],
+        "responses": pa.array([[f"bad {i}", f"best {i}", f"mid {i}"] for i in range(n)],
+                              pa.list_(pa.string())),
+        "scores": pa.array([[0.1, 0.9, 0.5]] * n, pa.list_(pa.float32())),
+    })
+    _write_stream(tmp_path / "scored.arrow", table)
+    return [f"data.path={tmp_path / 'scored.arrow'}", f"data.image_dir={tmp_path / 'img'}"]
 
+
+# the candidates each list holds, sorted by reward and padded to train.num_candidates = 4
+ROUND_REWARDS = {"pairs": [1.0, 0.0, 0.0, 0.0], "lists": [0.9, 0.5, 0.1, 0.0]}
+
+
+@pytest.mark.parametrize("loss,layout", [("perpo", "pairs"), ("lipo", "lists")])
+def test_offline_perpo_and_lipo_train_on_pairs_and_scored_lists(tmp_path, loss, layout):
+    data = [f"data.path={_train_file(tmp_path)}"] if layout == "pairs" else _scored_arrow(tmp_path)
+    cfg = tiny_cfg(tmp_path, "data.source=hf_preference", *data, "train.mode=offline",
+                   "train.steps=0", "train.epochs=1", f"loss.name={loss}")
     result = train(cfg, progress=False)
     assert result.steps == 1 and result.history[0]["num_valid_lists"] == 8
-    # policy == reference at the first update: every pair's log-ratio gap is 0, so the loss of
-    # a pair list is -log sigmoid(0) = log 2 whatever the loss (one pair, weight 1)
+    # policy == reference at the first update: every log-ratio gap is 0, so a list's loss is
+    # -log sigmoid(0) = log 2 (the pair weights of perpo and lipo sum to 1)
     np.testing.assert_allclose(result.history[0]["loss"], math.log(2.0), rtol=1e-5)
     lists = _round_lists(cfg.train.out_dir)
-    # pairs: 2 candidates (rewards 1 / 0) padded to train.num_candidates=4 with a mask
-    np.testing.assert_array_equal(lists["rewards"], np.tile([1.0, 0.0, 0.0, 0.0], (8, 1)))
-    np.testing.assert_array_equal(lists["list_mask"], np.tile([True, True, False, False], (8, 1)))
-    assert lists["response_mask"][:, :2].any(-1).all() and not lists["response_mask"][:, 2:].any()
+    want = np.asarray(ROUND_REWARDS[layout], np.float32)
+    np.testing.assert_allclose(lists["rewards"], np.tile(want, (8, 1)), rtol=1e-6)
+    real = 2 if layout == "pairs" else 3  # then masked padding
+    np.testing.assert_array_equal(lists["list_mask"], np.tile(np.arange(4) < real, (8, 1)))
+    assert lists["response_mask"][:, :real].any(-1).all()
+    assert not lists["response_mask"][:, real:].any()
 
 
 def test_one_command_trains_offline_dpo_on_a_glob_of_rlaifv_parquet(tmp_path, capsys):
     _train_file(tmp_path, n=16)
     base = tiny_cfg(tmp_path)  # the tiny run's settings, as a config file
     config = tmp_path / "tiny.yaml"
-    import yaml
-    from perpo_jax.config import config_to_dict
-
     config.write_text(yaml.safe_dump(config_to_dict(base)))
     args = ["train", "--config", str(config), "data.source=hf_preference",
             f"data.path={tmp_path / 'data' / '*.parquet'}", "train.mode=offline",

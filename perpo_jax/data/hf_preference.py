@@ -159,6 +159,9 @@ def checked_image(data: bytes) -> bytes:
             buf = io.BytesIO()
             im.convert("RGB").save(buf, format="PNG")
             return buf.getvalue()
+    except Image.UnidentifiedImageError:
+        raise DataFileError(f"image cannot be decoded: {len(data)} bytes in no image format "
+                            "PIL reads") from None
     except Exception as e:  # PIL raises many types for hostile bytes; all mean "bad image"
         raise DataFileError(f"image cannot be decoded ({type(e).__name__}: {e})") from None
 
