@@ -173,7 +173,8 @@ def _dataset_name(cfg: Config) -> str:
     """The TFDS config name of a file source's dataset: <stem of data.path>_<content key>.
 
     The key hashes the annotation files' CONTENT and every setting that changes the records
-    (source, image_dir, skip_invalid, box_frame, refer_split_by), so an edited file or a
+    (source, image_dir, skip_invalid, box_frame, refer_split_by; ocr_format of page_ocr;
+    hf_preference's data.pref_* columns and split), so an edited file or a
     changed setting builds a new dataset instead of serving the old records. Images are read
     by path: replacing an image file in place is not seen (delete the dataset dir).
     """
