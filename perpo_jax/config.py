@@ -68,10 +68,13 @@ class LoraConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "perpo"  # perpo | lipo | lipo_lambda | dpo | sft
-    beta: float = 0.1
-    gamma: float = 0.5
-    label_smoothing: float = 0.0
+    # perpo | lipo | lipo_lambda | dpo | ipo | simpo | orpo | sft (docs/losses.md)
+    name: str = "perpo"
+    beta: float = 0.1  # reward scale (ipo: tau; simpo: its beta, 2.0-2.5 in the paper)
+    gamma: float = 0.5  # perpo: exponent of the reward-gap pair weights
+    label_smoothing: float = 0.0  # dpo: conservative-DPO eps in [0, 0.5)
+    simpo_gamma_beta_ratio: float = 0.5  # simpo: target margin gamma = this * beta
+    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term next to the SFT NLL
     sft_target: str = "best"  # best | ground_truth
 
 
@@ -275,7 +278,7 @@ class Config:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "loss.name": ("perpo", "lipo", "lipo_lambda", "dpo", "sft"),
+    "loss.name": ("perpo", "lipo", "lipo_lambda", "dpo", "ipo", "simpo", "orpo", "sft"),
     "loss.sft_target": ("best", "ground_truth"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mode": ("online", "offline"),
@@ -370,6 +373,18 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _validate_loss(loss: LossConfig) -> None:
+    if loss.beta <= 0:  # every loss divides by or scales with it (ipo: 1 / (2 tau))
+        raise ConfigError(f"loss.beta: must be > 0, got {loss.beta}")
+    if not 0.0 <= loss.label_smoothing < 0.5:  # at 0.5 cDPO's gradient no longer prefers y_w
+        raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5), got {loss.label_smoothing}")
+    if loss.simpo_gamma_beta_ratio < 0:
+        raise ConfigError(f"loss.simpo_gamma_beta_ratio: must be >= 0, got "
+                          f"{loss.simpo_gamma_beta_ratio}")
+    if loss.orpo_lambda < 0:
+        raise ConfigError(f"loss.orpo_lambda: must be >= 0, got {loss.orpo_lambda}")
+
+
 def validate(cfg: Config) -> Config:
     """Checks value ranges and choices; raises ConfigError naming the key."""
     for key, allowed in _CHOICES.items():
@@ -398,6 +413,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(cfg.train, key)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    _validate_loss(cfg.loss)
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
