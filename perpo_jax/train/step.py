@@ -18,6 +18,7 @@ and optimizer state unchanged, `skipped` += 1).
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable
 
 import jax
@@ -50,8 +51,16 @@ def policy_model(graphdef, params, frozen, key=None):
     model = nnx.merge(graphdef, params, frozen, copy=True)
     if key is None:
         return model
-    nnx.reseed(model, dropout=key)
+    nnx.reseed(model, dropout=key, policy=_stream_key)
     return nnx.view(model, deterministic=False, raise_if_not_found=False)
+
+
+def _stream_key(path, key, shape):
+    """The step key -> one dropout stream's key: its own per module path (so q/k/v adapters,
+    which see the same input, draw different masks), split [L] for a stacked module's layers.
+    crc32, not hash(): the same key in every process."""
+    key = jax.random.fold_in(key, zlib.crc32("/".join(map(str, path)).encode()))
+    return jax.random.split(key, shape) if shape else key
 
 
 def reference_model(graphdef, params, frozen, reference):
