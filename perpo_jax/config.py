@@ -108,6 +108,13 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     out_dir: str = "runs/default"
+    # where records go besides metrics.jsonl (always written): tensorboard | wandb (needs
+    # `pip install wandb==0.31.0`; WANDB_MODE, WANDB_API_KEY, ... as W&B reads them);
+    # docs/logging.md
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str | None = None  # None: WANDB_PROJECT, else W&B's default
+    wandb_entity: str | None = None  # None: WANDB_ENTITY, else the account's default
+    wandb_name: str | None = None  # the run's display name; None: WANDB_NAME, else W&B's
 
 
 @dataclass
@@ -299,6 +306,7 @@ _CHOICES = {
 # the policy's confidence only).
 DEMO_METHODS = (*_CHOICES["loss.name"], "rft", "m3po", "rm_dpo", "vanilla_dpo", "m3po_alpha0",
                 "m3po_alpha1")
+LOGGERS = ("tensorboard", "wandb")  # train.loggers (perpo_jax/train/loggers.py)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -433,6 +441,7 @@ def validate(cfg: Config) -> Config:
     bad = [m for m in cfg.demo.methods if m not in DEMO_METHODS]
     if bad:
         raise ConfigError(f"demo.methods: {bad} not among {', '.join(DEMO_METHODS)}")
+    _validate_loggers(cfg.train)
     if cfg.demo.pope_images < 0:
         raise ConfigError(f"demo.pope_images: must be >= 0, got {cfg.demo.pope_images}")
     if cfg.demo.bootstrap_samples < 1:
@@ -467,6 +476,19 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.task: data.source='page_ocr' holds OCR pages, needs "
                           f"data.task=ocr, got {cfg.data.task!r}")
     return cfg
+
+
+def _validate_loggers(train: TrainConfig) -> None:
+    unknown = [name for name in train.loggers if name not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"train.loggers: {unknown} not among {', '.join(LOGGERS)}")
+    twice = sorted({name for name in train.loggers if train.loggers.count(name) > 1})
+    if twice:
+        raise ConfigError(f"train.loggers: {twice} listed more than once")
+    for key in ("wandb_project", "wandb_entity", "wandb_name"):
+        value = getattr(train, key)
+        if value is not None and not value.strip():
+            raise ConfigError(f"train.{key}: empty; give a name or null (W&B's default)")
 
 
 def _validate_pref_columns(cfg: Config) -> None:

@@ -134,3 +134,22 @@ def test_one_tensorboard_file_per_run_across_invocations(tmp_path):
                for e in resumed.events.events() for v in e.summary.value]
     assert scalars == [(1, "step/loss", 1.0), (2, "step/loss", 0.7)]
     assert [r["loss"] for r in resumed.records("step")] == [1.0, 0.7]
+
+
+def test_a_resume_drops_exactly_what_it_logs_again(tmp_path):
+    killed = RunLog(str(tmp_path))
+    killed.write({"lists_kept": 3}, step=0, kind="round")
+    killed.write({"loss": 1.0}, step=1)
+    killed.write({"loss": 0.5}, step=2)  # checkpoint 2 closes round 0
+    killed.write({"lists_kept": 4}, step=2, kind="round")  # round 1 starts after it
+    killed.write({"loss": 0.7}, step=3)  # killed before checkpoint 3
+    resumed = RunLog(str(tmp_path))
+    resumed.truncate_after(2)  # round 1 is sampled and logged again, then step 3
+    assert [(r["kind"], r["step"]) for r in resumed.records()] == [
+        ("round", 0), ("step", 1), ("step", 2)]
+    assert [(e.step, v.tag) for e in resumed.events.events() for v in e.summary.value] == [
+        (0, "round/lists_kept"), (1, "step/loss"), (2, "step/loss")]
+    resumed.write({"lists_kept": 4}, step=2, kind="round")
+    resumed.write({"loss": 0.7}, step=3)
+    RunLog(str(tmp_path)).truncate_after(3)  # a checkpoint inside round 1 keeps its record
+    assert [(r["kind"], r["step"]) for r in resumed.records()][-2:] == [("round", 2), ("step", 3)]

@@ -51,6 +51,7 @@ from perpo_jax.models.lora import LoRAParam, apply_lora
 from perpo_jax.train import rounds
 from perpo_jax.train.hosts import global_max, to_global
 from perpo_jax.train.listset import ListSet
+from perpo_jax.train.loggers import require_loggers
 from perpo_jax.train.optim import make_optimizer
 from perpo_jax.train.run_log import RunLog, plot_curves
 from perpo_jax.train.state import (create_train_state, partition_model, reference_state,
@@ -154,7 +155,8 @@ def _same_value(dotted: str, saved, now) -> bool:
 
 # Sections whose change makes an existing checkpoint a different run.
 _RUN_DEFINING = ("model", "lora", "loss", "optim", "train", "data", "sampling", "m3po")
-_NOT_RUN_DEFINING = {"train.out_dir", "train.log_every"}
+_NOT_RUN_DEFINING = {"train.out_dir", "train.log_every", "train.loggers", "train.wandb_project",
+                     "train.wandb_entity", "train.wandb_name"}
 
 
 def config_differences(saved: dict, cfg: Config) -> list[str]:
@@ -343,6 +345,7 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
     `cfg` when None. stop_at_step: stop after this global step with a checkpoint, exactly as
     a SIGTERM would (for tests and time-boxed jobs).
     """
+    require_loggers(cfg.train.loggers)  # a missing wandb fails now, not after the data is built
     mesh = mesh if mesh is not None else from_config.build_mesh(cfg)
     if data is None:
         # on a pod: process 0 builds, the others reuse its files (shared dir) or build the
@@ -353,7 +356,8 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
     model = model if model is not None else from_config.build_model(cfg, mesh, data.processor)
     trainer = _Trainer(cfg, data, model, mesh, plan)
     ckpt, position = _open_checkpoints(cfg, trainer, loader)
-    log = RunLog(cfg.train.out_dir, enabled=jax.process_index() == 0)
+    log = RunLog(cfg.train.out_dir, enabled=jax.process_index() == 0,
+                 loggers=cfg.train.loggers, run_config=config_to_dict(cfg))
     if position is None:
         position = {"round": 0, "step_in_round": 0, "loader": loader.state()}
     log.truncate_after(int(trainer.state.step))  # rows a killed run wrote after its checkpoint

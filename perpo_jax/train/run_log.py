@@ -1,6 +1,8 @@
-"""Per-step metrics of a run: JSONL (the record), TensorBoard (to watch), a PNG of curves.
+"""Per-step metrics of a run: JSONL (the record), mirrored to the backends of `train.loggers`
+(TensorBoard, Weights & Biases: `loggers.py`) to watch, and a PNG of curves.
 
-Only process 0 writes. Values are plain floats by the time they get here.
+Only process 0 writes. Values are plain floats by the time they get here. Every backend gets
+each record's numbers as `<kind>/<name>` at the record's step (docs/logging.md).
 
 TensorBoard gets ONE events file per run, `<out_dir>/tb/events.out.tfevents.perpo_jax`, that
 every invocation (a resume, a failed start) appends to; it is created at the first logged
@@ -27,6 +29,7 @@ from tensorboardX.record_writer import masked_crc32c
 
 from perpo_jax import storage
 from perpo_jax.atomic import atomic_file
+from perpo_jax.train.loggers import ScalarLogger, WandbRun, relogged, require_loggers
 
 CURVES = ("loss", "pair_accuracy", "mean_reward")
 EVENTS_FILE = "events.out.tfevents.perpo_jax"  # TensorBoard reads files named *tfevents*
@@ -69,6 +72,7 @@ class EventsFile:
         return [Event.FromString(data) for data, _ in _records(self._file.read())]
 
     def add_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        scalars = {tag: v for tag, v in scalars.items() if math.isfinite(v)}
         if not scalars:
             return
         if not self._checked:
@@ -82,11 +86,20 @@ class EventsFile:
         self._file.append(b"".join(_record(e.SerializeToString()) for e in events))
 
     def truncate_after(self, step: int) -> None:
-        """Drops the events of steps after `step` (kept: the file-version header)."""
+        """Drops the events a resume from checkpoint `step` logs again (`relogged`; kept: the
+        file-version header)."""
         events = self.events()
-        keep = [e for e in events if e.step <= step]
+        keep = [e for e in events if not relogged(
+            e.step, [v.tag.split("/", 1)[0] for v in e.summary.value], step)]
         if len(keep) < len(events):
             self._rewrite(keep)
+
+    def resume(self, step: int, logged: Sequence) -> None:
+        del logged  # the file itself says what it holds
+        self.truncate_after(step)
+
+    def close(self) -> None:
+        """Nothing stays open between writes."""
 
     def _drop_torn_tail(self) -> None:
         """A kill mid-append leaves a partial record; appending after it would hide every
@@ -101,29 +114,38 @@ class EventsFile:
 
 
 class RunLog:
-    """Appends one JSON object per record to `<out_dir>/metrics.jsonl` and mirrors scalars to
-    the run's one TensorBoard events file under `<out_dir>/tb`. Re-opening an existing run
-    appends to both (resume)."""
+    """Appends one JSON object per record to `<out_dir>/metrics.jsonl` and mirrors its numbers
+    to the `loggers` backends ("tensorboard": the run's one events file under `<out_dir>/tb`;
+    "wandb": the run's one W&B run, `loggers.WandbRun`). Re-opening an existing run appends
+    to all of them (resume). `run_config` (the config as a dict) is what W&B logs as the run's
+    config; its train.wandb_* keys name the W&B run.
 
-    def __init__(self, out_dir: str, *, enabled: bool = True, tensorboard: bool = True):
+    A backend's package that is missing raises ConfigError here (on every process: a pod
+    fails as a whole), before anything is written; only an enabled log opens the backends."""
+
+    def __init__(self, out_dir: str, *, enabled: bool = True,
+                 loggers: Sequence[str] = ("tensorboard",),
+                 run_config: Mapping | None = None):
+        require_loggers(loggers)
         self.out_dir = out_dir
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self._file = storage.AppendFile(self.path)
-        self.events = EventsFile(os.path.join(out_dir, "tb", EVENTS_FILE)) if tensorboard else None
+        self.events = (EventsFile(os.path.join(out_dir, "tb", EVENTS_FILE))
+                       if "tensorboard" in loggers else None)
+        self.loggers: list[ScalarLogger] = [self.events] if self.events is not None else []
         if enabled:
             storage.makedirs(out_dir)
+            if "wandb" in loggers:
+                self.loggers.append(WandbRun(out_dir, run_config or {}))
 
     def write(self, record: Mapping[str, float], *, step: int, kind: str = "step") -> None:
         if not self.enabled:
             return
         row = {"kind": kind, "step": int(step), **{k: _plain(v) for k, v in record.items()}}
         self._file.append((json.dumps(row) + "\n").encode())
-        if self.events is not None:
-            self.events.add_scalars(
-                {f"{kind}/{name}": float(value) for name, value in row.items()
-                 if name != "step" and isinstance(value, (int, float)) and math.isfinite(value)},
-                step)
+        for logger in self.loggers:
+            logger.add_scalars(row_scalars(row), step)
 
     def records(self, kind: str | None = None) -> list[dict]:
         """Logged rows (of one kind); a line cut short by a kill is skipped."""
@@ -136,19 +158,33 @@ class RunLog:
         return [r for r in rows if kind is None or r.get("kind") == kind]
 
     def truncate_after(self, step: int) -> None:
-        """Drops rows logged after `step`: on resume from checkpoint `step`, the steps a killed
-        run logged past it are run (and logged) again."""
+        """Drops the rows a resume from checkpoint `step` logs again (`relogged`): the steps a
+        killed run logged past it are run (and logged) again; each backend does its own
+        (W&B keeps its history: `loggers.WandbRun.resume`)."""
         if not self.enabled:
             return
-        if self.events is not None:
-            self.events.truncate_after(step)
+        logged = self.records()
+        for logger in self.loggers:
+            logger.resume(step, [(r.get("step", 0), r.get("kind", "step"), row_scalars(r))
+                                 for r in logged])
         if not self._file.exists():
             return
-        keep = [r for r in self.records() if r.get("step", 0) <= step]
+        keep = [r for r in logged
+                if not relogged(r.get("step", 0), [r.get("kind", "step")], step)]
         self._file.rewrite("".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def close(self) -> None:
-        """Nothing stays open between writes; kept so callers can treat it as a resource."""
+        """Closes the backends (W&B: finishes the run); metrics.jsonl stays closed between
+        writes."""
+        for logger in self.loggers:
+            logger.close()
+
+
+def row_scalars(row: Mapping) -> dict[str, float]:
+    """A metrics.jsonl row's numbers under the backends' names, `<kind>/<name>`."""
+    kind = row.get("kind", "step")
+    return {f"{kind}/{name}": float(value) for name, value in row.items()
+            if name not in ("kind", "step") and isinstance(value, (int, float))}
 
 
 def _plain(value):
