@@ -80,18 +80,28 @@ def scan_layers(stacked: nnx.Module, body: Callable, carry: Any, xs: Any = None,
         # a static slice of the stack (e.g. the vision layers up to LLaVA's feature layer)
         state = jax.tree.map(lambda a: a[start:stop], state)
 
+    draws = _draws_random(stacked)
+
     def step(carry, layer_xs):
         layer_state, x = layer_xs
         layer = nnx.merge(graphdef, layer_state)
         carry, y = body(layer, carry, x)
-        return carry, (y, nnx.state(layer, nnx.RngState))
+        return carry, (y, nnx.state(layer, nnx.RngState) if draws else None)
 
     if remat:
         step = jax.checkpoint(step, prevent_cse=False)
     carry, (ys, rng_state) = jax.lax.scan(step, carry, (state, xs))
-    if jax.tree.leaves(rng_state):
+    # Only a stack whose dropout is live advanced its counters; writing back otherwise would
+    # mutate a module created outside the current trace (the sampler's decode loop).
+    if draws and jax.tree.leaves(rng_state):
         if (start, stop) != (0, n):
             full = nnx.state(stacked, nnx.RngState)
             rng_state = jax.tree.map(lambda old, new: old.at[start:stop].set(new), full, rng_state)
         nnx.update(stacked, rng_state)
     return carry, ys
+
+
+def _draws_random(stacked: nnx.Module) -> bool:
+    """Whether running `stacked` consumes RNG: a live (train-mode, rate > 0) dropout in it."""
+    return any(isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0
+               for _, m in nnx.iter_modules(stacked))
