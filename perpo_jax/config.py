@@ -71,10 +71,13 @@ class LoraConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "perpo"  # perpo | lipo | lipo_lambda | dpo | sft
-    beta: float = 0.1
-    gamma: float = 0.5
-    label_smoothing: float = 0.0
+    # perpo | lipo | lipo_lambda | dpo | ipo | simpo | orpo | sft (docs/losses.md)
+    name: str = "perpo"
+    beta: float = 0.1  # reward scale (ipo: tau; simpo: its beta, 2.0-2.5 in the paper)
+    gamma: float = 0.5  # perpo: exponent of the reward-gap pair weights
+    label_smoothing: float = 0.0  # dpo: conservative-DPO eps in [0, 0.5)
+    simpo_gamma_beta_ratio: float = 0.5  # simpo: target margin gamma = this * beta
+    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term next to the SFT NLL
     sft_target: str = "best"  # best | ground_truth
 
 
@@ -140,12 +143,27 @@ class DataConfig:
     # shapes_grounding | shapes_ocr | shapes_pope (yes/no object questions, data.task=pope) |
     # refcoco_style (JSONL) | refer (refer-toolkit refs(*).p +
     # instances.json) | official_json (pre-sampled PerPO lists) | page_ocr (page image + its
-    # full text, data.task=ocr; layout in data.ocr_format)
+    # full text, data.task=ocr; layout in data.ocr_format) | hf_preference (preference pairs
+    # or scored lists in parquet / arrow / datasets save_to_disk dirs, train.mode=offline;
+    # docs/preference_data.md)
     source: str = "shapes_grounding"
     data_dir: str = "runs/data"
     # annotation file (refcoco_style / official_json) or refer dataset dir (refer: holds
-    # refs(<split_by>).p and instances.json)
+    # refs(<split_by>).p and instances.json); hf_preference: a parquet / arrow file, a glob
+    # of them, or a folder of shards / a datasets save_to_disk folder
     path: str | None = None
+    # hf_preference columns; image / prompt null = the first present of image, images,
+    # image_path, img_path / question, prompt, messages, conversations. A file with the
+    # chosen + rejected columns holds pairs (rewards 1 / 0), else responses + scores lists
+    pref_image_column: str | None = None
+    pref_prompt_column: str | None = None
+    pref_chosen_column: str = "chosen"
+    pref_rejected_column: str = "rejected"
+    pref_responses_column: str = "responses"
+    pref_scores_column: str = "scores"
+    # hf_preference split: of a DatasetDict dir (default train, or its only split), or the
+    # shards of a folder named <split>-* / in its <split>/ subfolder (default: all shards)
+    pref_split: str | None = None
     # page_ocr layout: jsonl ({"image", "text"} per line) | fox (the Fox benchmark's page-OCR
     # JSON); see perpo_jax.data.page_ocr. Images are relative to data.image_dir (page_ocr
     # without image_dir: the annotation file's directory)
@@ -264,12 +282,12 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "xla", "splash", "cudnn"),
-    "loss.name": ("perpo", "lipo", "lipo_lambda", "dpo", "sft"),
+    "loss.name": ("perpo", "lipo", "lipo_lambda", "dpo", "ipo", "simpo", "orpo", "sft"),
     "loss.sft_target": ("best", "ground_truth"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mode": ("online", "offline"),
     "data.source": ("shapes_grounding", "shapes_ocr", "shapes_pope", "refcoco_style", "refer",
-                    "official_json", "page_ocr"),
+                    "official_json", "page_ocr", "hf_preference"),
     "data.template": ("auto", "chat_template", "llava_v1", "qwen_1_5"),
     "data.ocr_format": ("jsonl", "fox"),
     "data.image_aspect_ratio": ("pad", "crop", "checkpoint"),
@@ -359,6 +377,18 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _validate_loss(loss: LossConfig) -> None:
+    if loss.beta <= 0:  # every loss divides by or scales with it (ipo: 1 / (2 tau))
+        raise ConfigError(f"loss.beta: must be > 0, got {loss.beta}")
+    if not 0.0 <= loss.label_smoothing < 0.5:  # at 0.5 cDPO's gradient no longer prefers y_w
+        raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5), got {loss.label_smoothing}")
+    if loss.simpo_gamma_beta_ratio < 0:
+        raise ConfigError(f"loss.simpo_gamma_beta_ratio: must be >= 0, got "
+                          f"{loss.simpo_gamma_beta_ratio}")
+    if loss.orpo_lambda < 0:
+        raise ConfigError(f"loss.orpo_lambda: must be >= 0, got {loss.orpo_lambda}")
+
+
 def validate(cfg: Config) -> Config:
     """Checks value ranges and choices; raises ConfigError naming the key."""
     for key, allowed in _CHOICES.items():
@@ -387,6 +417,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(cfg.train, key)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    _validate_loss(cfg.loss)
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
@@ -431,13 +462,34 @@ def validate(cfg: Config) -> Config:
     if cfg.m3po.pairs != "none" and cfg.train.mode != "online":
         raise ConfigError(f"m3po.pairs={cfg.m3po.pairs!r} selects pairs among the policy's own "
                           "samples: it needs train.mode=online")
-    if cfg.data.source in ("refcoco_style", "refer", "official_json",
-                           "page_ocr") and not cfg.data.path:
+    if cfg.data.source in ("refcoco_style", "refer", "official_json", "page_ocr",
+                           "hf_preference") and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r}")
+    if cfg.data.source == "hf_preference":
+        _validate_pref_columns(cfg)
     if cfg.data.source == "page_ocr" and cfg.data.task != "ocr":
         raise ConfigError(f"data.task: data.source='page_ocr' holds OCR pages, needs "
                           f"data.task=ocr, got {cfg.data.task!r}")
     return cfg
+
+
+def _validate_pref_columns(cfg: Config) -> None:
+    d = cfg.data
+    if cfg.train.mode != "offline":
+        raise ConfigError("train.mode: data.source='hf_preference' holds pre-scored lists (the "
+                          "file's rewards, no task reward applies): needs train.mode=offline")
+    names = {f"data.{k}": getattr(d, k) for k in (
+        "pref_image_column", "pref_prompt_column", "pref_chosen_column", "pref_rejected_column",
+        "pref_responses_column", "pref_scores_column", "pref_split")}
+    for key, value in names.items():
+        if value is not None and not value.strip():
+            raise ConfigError(f"{key}: empty; give a column name (or null for the default)")
+    if d.pref_chosen_column == d.pref_rejected_column:
+        raise ConfigError(f"data.pref_rejected_column: the same column as "
+                          f"data.pref_chosen_column ({d.pref_chosen_column!r})")
+    if d.pref_responses_column == d.pref_scores_column:
+        raise ConfigError(f"data.pref_scores_column: the same column as "
+                          f"data.pref_responses_column ({d.pref_responses_column!r})")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -149,19 +149,16 @@ def _constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | No
 
 
 def _constrain_kv(kv: Any, axes_kv: tuple, axes_mask: tuple, mesh: Mesh | None) -> Any:
-    """Applies `_constrain` to a PrefixKV / GroupCache (fields k, v: per-layer tuples; mask)."""
+    """Applies `_constrain` to a PrefixKV / GroupCache (k, v: [L, ...] stacked over layers)."""
     if mesh is None:
         return kv
-    return kv.replace(
-        k=tuple(_constrain(x, axes_kv, mesh) for x in kv.k),
-        v=tuple(_constrain(x, axes_kv, mesh) for x in kv.v),
-        mask=_constrain(kv.mask, axes_mask, mesh),
-    )
+    return kv.replace(k=_constrain(kv.k, axes_kv, mesh), v=_constrain(kv.v, axes_kv, mesh),
+                      mask=_constrain(kv.mask, axes_mask, mesh))
 
 
-_CACHE_AXES = ("batch", "candidates", "length", "kv_heads", "head_dim")
+_CACHE_AXES = ("layers", "batch", "candidates", "length", "kv_heads", "head_dim")
 _CACHE_MASK_AXES = ("batch", "candidates", "length")
-_PREFIX_AXES = ("batch", "length", "kv_heads", "head_dim")
+_PREFIX_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 _PREFIX_MASK_AXES = ("batch", "length")
 
 

@@ -248,7 +248,7 @@ def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys, monkey
     assert cli.main(["convert", "--to-hf", "--checkpoint", str(ckpt_dir), "--out", plain]) == 1
     assert "perpo-jax export" in capsys.readouterr().err and not os.path.exists(plain)
 
-    q_proj = ("language_model", "layers", 0, "self_attn", "q_proj", "kernel")
+    q_proj = ("language_model", "layers", "self_attn", "q_proj", "kernel")  # stacked [L, ...]
     base_q = np.asarray(dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))[q_proj].get_value())
     hf = str(root / "hf_export")
     os.makedirs(hf)

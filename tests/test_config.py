@@ -42,6 +42,12 @@ def test_yaml_and_overrides(tmp_path):
         ("data.max_objects=1", "data.max_objects"),
         ("data.relations=maybe", "data.relations"),
         ("demo.sft_lists_per_step=-1", "demo.sft_lists_per_step"),
+        ("loss.beta=0", "loss.beta"),
+        ("loss.label_smoothing=0.5", "loss.label_smoothing"),
+        ("loss.label_smoothing=-0.1", "loss.label_smoothing"),
+        ("loss.simpo_gamma_beta_ratio=-0.5", "loss.simpo_gamma_beta_ratio"),
+        ("loss.orpo_lambda=-1", "loss.orpo_lambda"),
+        ("loss.name=cdpo", "loss.name"),
     ],
 )
 def test_bad_overrides_name_the_key(override, needle):
@@ -175,3 +181,22 @@ def test_demo_sft_batch_and_round_size():
     assert (sft.train.lists_per_step, sft.sampling.prompts_per_round) == (32, 512)
     assert (sft.loss.name, sft.loss.sft_target) == ("sft", "ground_truth")
     assert (cfg.train.lists_per_step, cfg.sampling.prompts_per_round) == (8, 128)  # untouched
+
+
+def test_loss_names_and_their_keys():
+    from perpo_jax.config import _CHOICES, DEMO_METHODS
+    from perpo_jax.losses import LOSSES
+
+    for name in ("perpo", "lipo", "lipo_lambda", "dpo", "ipo", "simpo", "orpo", "sft"):
+        assert load_config(None, [f"loss.name={name}"]).loss.name == name
+    assert {*LOSSES, "sft"} == set(_CHOICES["loss.name"])
+    cfg = load_config(None, ["loss.name=simpo", "loss.beta=2.5", "loss.simpo_gamma_beta_ratio=0.55"])
+    assert (cfg.loss.beta, cfg.loss.simpo_gamma_beta_ratio, cfg.loss.gamma) == (2.5, 0.55, 0.5)
+    cfg = load_config(None, ["loss.name=dpo", "loss.label_smoothing=0.1"])
+    assert cfg.loss.label_smoothing == 0.1
+    defaults = load_config(None).loss
+    assert (defaults.simpo_gamma_beta_ratio, defaults.orpo_lambda, defaults.label_smoothing) == (
+        0.5, 0.1, 0.0)
+    # the new losses are demo methods one can ask for, not ones the demo runs by default
+    assert {"ipo", "simpo", "orpo"} <= set(DEMO_METHODS)
+    assert load_config(None).demo.methods == ["perpo", "dpo", "lipo", "sft", "rft"]

@@ -145,8 +145,8 @@ def test_export_replaces_existing_dir_and_refuses_unmerged_lora(llava_dir, tmp_p
         def __call__(self, x):
             return 0.0
 
-    model.language_model.layers[0].self_attn.q_proj.lora = nnx.data(Adapter())
-    with pytest.raises(CheckpointError, match="layers.0.self_attn.q_proj"):
+    model.language_model.layers.self_attn.q_proj.lora = nnx.data(Adapter())
+    with pytest.raises(CheckpointError, match="layers.self_attn.q_proj"):
         save_pretrained(model, str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
 
@@ -260,8 +260,8 @@ def test_bfloat16_load_and_export(llava_dir, tmp_path):
     the bf16 export loads in transformers as bf16 with every key matched."""
     hf, path = llava_dir
     model = load_pretrained(path, dtype=jnp.bfloat16)
-    assert model.language_model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
-    assert model.vision_tower.layers[0].mlp.fc1.kernel[...].dtype == jnp.bfloat16
+    assert model.language_model.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    assert model.vision_tower.layers.mlp.fc1.kernel[...].dtype == jnp.bfloat16
     ids, pixels = tiny_hf.llava_inputs(hf, batch=1)
     logits = model(jnp.asarray(ids), pixel_values=jnp.asarray(pixels))
     assert logits.dtype == jnp.float32

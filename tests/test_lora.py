@@ -39,14 +39,16 @@ def test_default_targets_are_the_llm_linears_only():
     model, _ = tiny()
     apply_lora(model, LoraConfig(rank=4, alpha=8.0), nnx.Rngs(1))
     with_lora = sorted(p for p, m in lora_slots(model) if m.lora is not None)
-    assert len(with_lora) == 2 * len(LLM_NAMES)
+    assert len(with_lora) == len(LLM_NAMES)  # one stacked module per projection
     assert all(p.startswith("language_model.layers.") and p.split(".")[-1] in LLM_NAMES for p in with_lora)
     without = [p for p, m in lora_slots(model) if m.lora is None]
     assert "language_model.lm_head" in without
     assert any(p.startswith("multi_modal_projector") for p in without)
     assert any(p.startswith("vision_tower") for p in without)
-    q = model.language_model.layers[0].self_attn.q_proj
-    assert q.lora.a[...].shape == (32, 4) and q.lora.b[...].shape == (4, 4, 8)  # [D, r], [r, N, H]
+    q = model.language_model.layers.self_attn.q_proj
+    # [L, D, r], [L, r, N, H]: one adapter per layer of the stacked blocks
+    assert q.lora.a[...].shape == (2, 32, 4) and q.lora.b[...].shape == (2, 4, 4, 8)
+    assert not np.allclose(np.asarray(q.lora.a[0]), np.asarray(q.lora.a[1]))  # own init each
     assert np.all(np.asarray(q.lora.b[...]) == 0)
     assert np.abs(np.asarray(q.lora.a[...])).max() <= 1 / np.sqrt(32)  # kaiming-uniform bound
     assert q.lora.scale == 2.0
@@ -68,7 +70,7 @@ def test_filters_split_adapters_projector_and_frozen_base():
     apply_lora(model, cfg, nnx.Rngs(1))
     parts = partition_model(model, cfg)
     train_paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(parts.params)]
-    assert sum("lora" in p for p in train_paths) == 2 * 2 * len(LLM_NAMES)  # A and B
+    assert sum("lora" in p for p in train_paths) == 2 * len(LLM_NAMES)  # A and B, stacked
     assert sorted(p for p in train_paths if "lora" not in p) == [
         "multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.kernel",
         "multi_modal_projector.linear_2.bias", "multi_modal_projector.linear_2.kernel",
@@ -87,9 +89,10 @@ def test_lora_params_carry_logical_names_and_shard():
     apply_lora(model, LoraConfig(rank=4, alpha=8.0), nnx.Rngs(1))
     params = nnx.state(model, LoRAParam)
     shardings = state_shardings(params, make_mesh((1, 2, 4)))
-    q = shardings["language_model"]["layers"][0]["self_attn"]["q_proj"]["lora"]
-    assert tuple(q["a"].spec) == ("fsdp", None)  # ("embed", "lora_rank")
-    assert tuple(q["b"].spec) == ("fsdp", "tensor", None)  # ("lora_rank", "heads", "head_dim")
+    q = shardings["language_model"]["layers"]["self_attn"]["q_proj"]["lora"]
+    assert tuple(q["a"].spec) == (None, "fsdp", None)  # ("layers", "embed", "lora_rank")
+    # ("layers", "lora_rank", "heads", "head_dim")
+    assert tuple(q["b"].spec) == (None, "fsdp", "tensor", None)
 
 
 def test_every_lora_param_is_split_under_an_fsdp_only_mesh():

@@ -27,18 +27,19 @@ def setup(tmp_path_factory):
 def test_params_are_sharded_as_the_rules_say(setup):
     _, _, mesh, model = setup
     lm = model.language_model
-    attn = lm.layers[0].self_attn
+    attn = lm.layers.self_attn  # stacked blocks: a leading [L] axis, never sharded
     expect = {
-        "q_proj [D,N,H]": (attn.q_proj.kernel, P("fsdp", "tensor", None)),
-        "k_proj [D,3,H] (3 kv heads: replicated)": (attn.k_proj.kernel, P("fsdp", None, None)),
-        "o_proj [N,H,D]": (attn.o_proj.kernel, P("tensor", None, "fsdp")),
-        "gate [D,F]": (lm.layers[0].mlp.gate_proj.kernel, P("fsdp", "tensor")),
-        "down [F,D]": (lm.layers[0].mlp.down_proj.kernel, P("tensor", "fsdp")),
+        "q_proj [L,D,N,H]": (attn.q_proj.kernel, P(None, "fsdp", "tensor", None)),
+        "k_proj [L,D,3,H] (3 kv heads: replicated)": (attn.k_proj.kernel, P(None, "fsdp", None, None)),
+        "o_proj [L,N,H,D]": (attn.o_proj.kernel, P(None, "tensor", None, "fsdp")),
+        "gate [L,D,F]": (lm.layers.mlp.gate_proj.kernel, P(None, "fsdp", "tensor")),
+        "down [L,F,D]": (lm.layers.mlp.down_proj.kernel, P(None, "tensor", "fsdp")),
         "embedding [V,D]": (lm.embed_tokens.embedding, P("tensor", "fsdp")),
         "lm_head [D,V]": (lm.lm_head.kernel, P("fsdp", "tensor")),
         "norm": (lm.norm.scale, P(None)),
-        "vision fc1": (model.vision_tower.layers[0].mlp.fc1.kernel, P("fsdp", "tensor")),
-        "vision q [Dv,N,H]": (model.vision_tower.layers[0].self_attn.q_proj.kernel, P("fsdp", "tensor", None)),
+        "vision fc1": (model.vision_tower.layers.mlp.fc1.kernel, P(None, "fsdp", "tensor")),
+        "vision q [L,Dv,N,H]": (model.vision_tower.layers.self_attn.q_proj.kernel,
+                                P(None, "fsdp", "tensor", None)),
         "projector linear_1": (model.multi_modal_projector.linear_1.kernel, P("fsdp", "tensor")),
     }
     for name, (var, spec) in expect.items():
@@ -47,7 +48,8 @@ def test_params_are_sharded_as_the_rules_say(setup):
         assert value.sharding.spec == spec, (name, value.sharding.spec)
     # a really sharded weight: each device holds a quarter of q_proj (fsdp x tensor)
     q = attn.q_proj.kernel[...]
-    assert q.addressable_shards[0].data.shape == (q.shape[0] // 2, q.shape[1] // 2, q.shape[2])
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2,
+                                                  q.shape[3])
 
 
 def test_sharded_logits_equal_unsharded_and_transformers(setup):

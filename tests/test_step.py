@@ -61,13 +61,13 @@ def test_step_on_2x2x2_mesh_equals_single_device():
         step, state, frozen, reference, _, cfg = setup(mesh)
         batch = make_batch(cfg, with_image=True, b=4, seed=7)
         if mesh.size == 8:  # params and optimizer state really are sharded
-            a = state.params["language_model"]["layers"][0]["mlp"]["up_proj"]["lora"]["a"]
-            assert tuple(a.sharding.spec) == ("fsdp", None)
-            assert a.addressable_shards[0].data.shape == (16, 8)  # [32, 8] over fsdp=2
-            mu = state.opt_state[1].mu["language_model"]["layers"][0]["mlp"]["up_proj"]["lora"]["a"]
+            a = state.params["language_model"]["layers"]["mlp"]["up_proj"]["lora"]["a"]
+            assert tuple(a.sharding.spec) == (None, "fsdp", None)
+            assert a.addressable_shards[0].data.shape == (a.shape[0], 16, 8)  # [L, 32, 8], fsdp=2
+            mu = state.opt_state[1].mu["language_model"]["layers"]["mlp"]["up_proj"]["lora"]["a"]
             assert mu.sharding == a.sharding
-            q = frozen["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
-            assert tuple(q.sharding.spec) == ("fsdp", "tensor", None)
+            q = frozen["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+            assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None)
         state, metrics = step(state, frozen, reference, batch)
         state, metrics2 = step(state, frozen, reference, batch)
         results.append((host(metrics), host(metrics2), host(state.params), host(state.opt_state)))

@@ -6,7 +6,10 @@ Modules (import the one you need; nothing is imported here so `perpo_jax.data` s
 - `shapes_grounding`  TFDS builder `shapes_grounding` over shapes_scene; `build(data_dir, ...)`
 - `shapes_ocr`        TFDS builder `shapes_ocr`: random text lines on noisy backgrounds
 - `refcoco_style`     readers: official PerPO lists JSON, RefCOCO-style JSONL (+ errors by line)
-- `refcoco_builders`  TFDS builders `refcoco_style` and `perpo_lists` over those readers
+- `refcoco_builders`  TFDS builders `refcoco_style` and `perpo_lists` over those readers, and
+                      `CandidateLists`, the base of every pre-sampled-lists builder
+- `pref_files`        finding and streaming parquet / Arrow / save_to_disk rows (pyarrow)
+- `hf_preference`     preference pairs / scored lists from those rows + their TFDS builder
 - `local_builder`     the builders' common base (no downloads)
 - `loader`            `ShardedLoader`: per-host shards, seeded shuffling, resumable state
 - `tokenizer`         `train_tokenizer`: small byte-level BPE saved for AutoTokenizer

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from perpo_jax.config import Config, ConfigError
-from perpo_jax.data import page_ocr, refcoco_builders, shapes_grounding, shapes_ocr, shapes_pope
+from perpo_jax.data import (hf_preference, page_ocr, pref_files, refcoco_builders,
+                             shapes_grounding, shapes_ocr, shapes_pope)
 from perpo_jax.data.batching import prompt_batch
 from perpo_jax.data.processor import LlavaPromptProcessor
 from perpo_jax.data.tokenizer import tokenizer_corpus, train_tokenizer
@@ -129,7 +130,10 @@ _CACHE_KEY_VERSION = 1
 
 
 def _stem(path: str) -> str:
-    """The readable part of a dataset name: the file (or dir) name, TFDS-config-safe."""
+    """The readable part of a dataset name: the file (or dir) name, TFDS-config-safe; of a
+    glob of shards (hf_preference), the name of the folder holding them."""
+    if not os.path.exists(path) and glob.has_magic(path):
+        path = os.path.dirname(path)
     name = os.path.splitext(os.path.basename(path.rstrip("/")))[0].lower()
     return re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "data"
 
@@ -152,6 +156,8 @@ def _content_digest(files: list[str], settings: dict) -> str:
 def _source_files(cfg: Config) -> list[str]:
     """The annotation files the records are read from (for `refer`: inside data.path)."""
     d = cfg.data
+    if d.source == "hf_preference":
+        return pref_files.resolve_files(d.path, d.pref_split)
     if d.source != "refer":
         return [d.path]
     files = [os.path.join(d.path, f"refs({d.refer_split_by}).p"),
@@ -167,7 +173,8 @@ def _dataset_name(cfg: Config) -> str:
     """The TFDS config name of a file source's dataset: <stem of data.path>_<content key>.
 
     The key hashes the annotation files' CONTENT and every setting that changes the records
-    (source, image_dir, skip_invalid, box_frame, refer_split_by), so an edited file or a
+    (source, image_dir, skip_invalid, box_frame, refer_split_by; ocr_format of page_ocr;
+    hf_preference's data.pref_* columns and split), so an edited file or a
     changed setting builds a new dataset instead of serving the old records. Images are read
     by path: replacing an image file in place is not seen (delete the dataset dir).
     """
@@ -181,6 +188,8 @@ def _dataset_name(cfg: Config) -> str:
                 "refer_split_by": d.refer_split_by if d.source == "refer" else None}
     if d.source == "page_ocr":  # only here, so other sources keep their cache keys
         settings["ocr_format"] = d.ocr_format
+    if d.source == "hf_preference":
+        settings["pref"] = dataclasses.asdict(_pref_columns(cfg)) | {"split": d.pref_split}
     return _slug(d.path, _content_digest(_source_files(cfg), settings))
 
 
@@ -219,6 +228,14 @@ def _cache_report(cfg: Config, builder, known: set[str]) -> tuple[bool, str]:
     return True, f"built {here}: first build of {cfg.data.path} with these settings"
 
 
+def _pref_columns(cfg: Config) -> hf_preference.PreferenceColumns:
+    d = cfg.data
+    return hf_preference.PreferenceColumns(
+        image=d.pref_image_column, prompt=d.pref_prompt_column, chosen=d.pref_chosen_column,
+        rejected=d.pref_rejected_column, responses=d.pref_responses_column,
+        scores=d.pref_scores_column)
+
+
 def _build_dataset(cfg: Config):
     """Prepares (or reuses) the TFDS dataset → (builder, skipped entries)."""
     d = cfg.data
@@ -238,6 +255,13 @@ def _build_dataset(cfg: Config):
                                  image_size=d.image_size, seed=d.seed,
                                  min_objects=d.min_objects, max_objects=d.max_objects), ()
 
+    if d.source == "hf_preference":  # images embedded or by path: data.image_dir optional
+        if d.image_dir is not None and not os.path.isdir(d.image_dir):
+            raise ConfigError(f"data.image_dir: {d.image_dir} is not a directory")
+        builder, skipped = hf_preference.build_hf_preference(
+            d.data_dir, _source_files(cfg), d.image_dir, _pref_columns(cfg),
+            name=_dataset_name(cfg), skip_invalid=d.skip_invalid)
+        return builder, tuple(skipped)
     if d.image_dir is None and d.source != "page_ocr":  # page_ocr: the annotation file's dir
         raise ConfigError(f"data.image_dir: required for data.source={d.source!r}")
     for key, path in (("data.path", d.path), ("data.image_dir", d.image_dir)):

@@ -6,9 +6,10 @@
 - `Refer`: the refer-toolkit layout (refs(<split_by>).p + instances.json + COCO images) ->
       one split per refer split (train / val / testA / testB ...), one example per
       (ref, sentence), the same features as `RefcocoStyle`.
-- `PerpoLists`: official PerPO pre-sampled lists -> split "train", features
-      image, image_path, question, answer, candidates [N] (text), scores float32 [N]; answers
-      and scores exactly as given.
+- `CandidateLists`: the base of builders of pre-sampled lists -> split "train", features
+      image, image_path, question, answer, candidates [N] (text), scores float32 [N].
+- `PerpoLists`: official PerPO pre-sampled lists as a `CandidateLists`; answers and scores
+      exactly as given. (`hf_preference.HfPreferenceLists`: preference parquet / arrow.)
 
 Box frame: the readers give boxes normalised by the original image; `_grounding_example` (the
 one place) converts `box` and the answer text to the configured frame ("original" or LLaVA's
@@ -131,14 +132,22 @@ class Refer(_ReferringExpressions):
                                 skip_invalid=cfg.skip_invalid)
 
 
-class PerpoLists(LocalBuilder):
-    """Official PerPO pre-sampled candidate lists; pass `config=LocalFilesConfig(...)`."""
+class CandidateLists(LocalBuilder, skip_registration=True):
+    """Pre-sampled candidate lists with a score each -> split "train"; subclasses say how to
+    read their files (`_read_lists`). Features: image, image_path, question, answer,
+    candidates [N] (text), scores float32 [N]."""
 
     VERSION = tfds.core.Version("1.0.0")
+    DESCRIPTION = "Pre-sampled candidate lists with their scores."
+
+    def _read_lists(self, skipped: list):
+        """-> iterable of TFDS examples (dicts of the features above). Entries left out go
+        into `skipped` (`refcoco_style.Skipped`) by the time the iterable is exhausted."""
+        raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-            builder=self, description="Pre-sampled candidate lists with their IoU scores.",
+            builder=self, description=self.DESCRIPTION,
             metadata=tfds.core.MetadataDict(),
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
@@ -150,19 +159,31 @@ class PerpoLists(LocalBuilder):
             }))
 
     def _split_generators(self, dl_manager):
-        cfg = self.builder_config
-        records, skipped = refcoco_style.read_official_lists(
-            cfg.annotations, cfg.image_root, skip_invalid=cfg.skip_invalid)
-        self.skipped = skipped
-        self.info.metadata.update(_skipped_metadata(skipped))
-        return {"train": self._generate_examples(records)}
+        self.skipped = []
+        return {"train": self._generate_examples(self._read_lists(self.skipped))}
 
-    def _generate_examples(self, records):
+    def _generate_examples(self, examples):
         # Keyed by entry index, not line: a JSON array written on one line has one line.
-        for index, r in enumerate(records):
-            yield index, {"image": _image_bytes(r.image_path), "image_path": r.image_path,
-                          "question": r.question, "answer": r.answer,
-                          "candidates": list(r.candidates), "scores": r.scores}
+        for index, example in enumerate(examples):
+            yield index, example
+        # complete only now (a streaming reader skips as it goes); TFDS writes the dataset's
+        # metadata after the examples
+        self.info.metadata.update(_skipped_metadata(self.skipped))
+
+
+class PerpoLists(CandidateLists):
+    """Official PerPO pre-sampled candidate lists; pass `config=LocalFilesConfig(...)`."""
+
+    DESCRIPTION = "Pre-sampled candidate lists with their IoU scores."
+
+    def _read_lists(self, skipped: list):
+        cfg = self.builder_config
+        records, bad = refcoco_style.read_official_lists(
+            cfg.annotations, cfg.image_root, skip_invalid=cfg.skip_invalid)
+        skipped.extend(bad)
+        return ({"image": _image_bytes(r.image_path), "image_path": r.image_path,
+                 "question": r.question, "answer": r.answer,
+                 "candidates": list(r.candidates), "scores": r.scores} for r in records)
 
 
 def _build(cls, data_dir: str, config: LocalFilesConfig):

@@ -8,6 +8,7 @@ most one tensor at a time, never the model twice, and a bad checkpoint never hal
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -20,7 +21,15 @@ from perpo_jax import mesh as mesh_lib
 from perpo_jax import storage
 from perpo_jax.hf.config_map import config_from_hf
 from perpo_jax.hf.errors import CheckpointError
-from perpo_jax.hf.mapping import IGNORED_SUFFIXES, Entry, canonical_key, entries_for, hf_shape, to_ours
+from perpo_jax.hf.mapping import (
+    IGNORED_SUFFIXES,
+    Entry,
+    canonical_key,
+    entries_for,
+    hf_shape,
+    layer_shape,
+    to_ours,
+)
 from perpo_jax.hf.safetensors_io import ShardReader, TensorInfo, checkpoint_index
 from perpo_jax.models.config import LlavaConfig, dtype_name
 from perpo_jax.models.llava import build_model
@@ -53,7 +62,7 @@ def _match_keys(entries: list[Entry], infos: dict[str, TensorInfo], config, our_
         if raw is None:
             problems.append(f"missing tensor {e.key}")
             continue
-        want = hf_shape(e, our_shapes[e.path])
+        want = hf_shape(e, layer_shape(e, our_shapes[e.path]))
         if tuple(infos[raw].shape) != want:
             problems.append(
                 f"tensor {raw} in {infos[raw].file} has shape {list(infos[raw].shape)}, expected {list(want)}"
@@ -98,13 +107,21 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh=None):
     found = _match_keys(entries, infos, config, our_shapes, path)
     values = {}
     var_by_path = dict(flat)
-    # file order: each shard is opened once
+    # file order: each shard is opened once; a stacked parameter [L, ...] is allocated on its
+    # sharding and filled one layer at a time
     with ShardReader(path) as reader:
         for e in sorted(entries, key=lambda e: (infos[found[e]].file, found[e])):
             raw = found[e]
-            shape = our_shapes[e.path]
+            shape = layer_shape(e, our_shapes[e.path])
             array = to_ours(e, reader.read(raw, infos[raw]), shape).astype(jnp.dtype(dtype), copy=False)
-            values[e.path] = _place(array, var_by_path[e.path], mesh)
+            if e.layer is None:
+                values[e.path] = _place(array, var_by_path[e.path], mesh)
+            else:
+                if e.path not in values:
+                    values[e.path] = _zeros(our_shapes[e.path], array.dtype,
+                                            _sharding(var_by_path[e.path], our_shapes[e.path], mesh))
+                values[e.path] = _set_layer(values[e.path], _place_layer(array, values[e.path]),
+                                            e.layer)
             del array
     new_flat = [(p, v.replace(values[p])) for p, v in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
@@ -117,13 +134,39 @@ def _builder(config):
     return build_clip if isinstance(config, ClipConfig) else build_model
 
 
+def _sharding(variable, shape, mesh):
+    """The NamedSharding of a parameter of `shape` on `mesh` (None: the default device)."""
+    if mesh is None:
+        return None
+    axes = mesh_lib.variable_axes(variable)
+    if axes is None or len(axes) != len(shape):
+        axes = [None] * len(shape)
+    return mesh_lib.logical_sharding(axes, shape, mesh)
+
+
 def _place(array: np.ndarray, variable, mesh):
     """Puts one host array on its device(s): its NamedSharding on `mesh`, else the default device."""
-    if mesh is None:
+    sharding = _sharding(variable, array.shape, mesh)
+    return jax.device_put(array) if sharding is None else jax.device_put(array, sharding)
+
+
+def _zeros(shape, dtype, sharding):
+    """A zero [L, ...] buffer made directly on its devices (never on the host)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def _place_layer(array: np.ndarray, stacked: jax.Array):
+    """One layer's host array onto the devices of its stack, sharded as a slice of it
+    (without a mesh: uncommitted on the default device, as `_place` puts the others)."""
+    sharding = stacked.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
         return jax.device_put(array)
-    axes = mesh_lib.variable_axes(variable)
-    if axes is None or len(axes) != array.ndim:
-        sharding = mesh_lib.logical_sharding([None] * array.ndim, array.shape, mesh)
-    else:
-        sharding = mesh_lib.logical_sharding(axes, array.shape, mesh)
-    return jax.device_put(array, sharding)
+    spec = tuple(sharding.spec) + (None,) * (stacked.ndim - len(sharding.spec))
+    layer_spec = jax.sharding.PartitionSpec(*spec[1:])
+    return jax.device_put(array, jax.sharding.NamedSharding(sharding.mesh, layer_spec))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer: jax.Array, index) -> jax.Array:
+    """stacked[index] = layer, in place (the stack is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, 0)

@@ -26,10 +26,17 @@ from perpo_jax.models.config import LlavaConfig, LlavaNextConfig, TextConfig, Vi
 
 @dataclass(frozen=True)
 class Entry:
-    path: tuple  # path of the nnx.Param in the model's state, e.g. ("layers", 0, "mlp", ...)
+    path: tuple  # path of the nnx.Param in the model's state, e.g. ("layers", "mlp", ...)
     key: str  # canonical HF key
     kind: str  # "linear" | "bias" | "conv" | "copy"
     n_in: int = 1  # number of leading input dims of our kernel ("linear" only)
+    # layer i of a stacked tower: the HF tensor is slice [i] of our [L, ...] parameter
+    layer: int | None = None
+
+
+def layer_shape(entry: Entry, param_shape: tuple) -> tuple:
+    """Shape of the part of our parameter an entry maps: one layer's slice or the whole."""
+    return tuple(param_shape[1:]) if entry.layer is not None else tuple(param_shape)
 
 
 def hf_shape(entry: Entry, our_shape: tuple) -> tuple:
@@ -67,49 +74,53 @@ def to_hf(entry: Entry, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _linear(path, key, bias: bool, n_in: int = 1) -> list[Entry]:
-    out = [Entry(path + ("kernel",), key + ".weight", "linear", n_in)]
+def _linear(path, key, bias: bool, n_in: int = 1, layer: int | None = None) -> list[Entry]:
+    out = [Entry(path + ("kernel",), key + ".weight", "linear", n_in, layer)]
     if bias:
-        out.append(Entry(path + ("bias",), key + ".bias", "bias"))
+        out.append(Entry(path + ("bias",), key + ".bias", "bias", layer=layer))
     return out
 
 
-def _layer_norm(path, key) -> list[Entry]:
+def _layer_norm(path, key, layer: int | None = None) -> list[Entry]:
     return [
-        Entry(path + ("scale",), key + ".weight", "copy"),
-        Entry(path + ("bias",), key + ".bias", "copy"),
+        Entry(path + ("scale",), key + ".weight", "copy", layer=layer),
+        Entry(path + ("bias",), key + ".bias", "copy", layer=layer),
     ]
 
 
 def text_entries(cfg: TextConfig, ours: tuple = (), model: str = "model.", head: str = "lm_head.weight"):
     """Decoder LM table; `model` is the HF prefix of the body, `head` the lm_head key."""
     e = [Entry(ours + ("embed_tokens", "embedding"), f"{model}embed_tokens.weight", "copy")]
+    p = ours + ("layers",)  # the stacked blocks: HF layer i is slice i
     for i in range(cfg.num_layers):
-        p, k = ours + ("layers", i), f"{model}layers.{i}."
-        e.append(Entry(p + ("input_layernorm", "scale"), k + "input_layernorm.weight", "copy"))
+        k = f"{model}layers.{i}."
+        e.append(Entry(p + ("input_layernorm", "scale"), k + "input_layernorm.weight", "copy", layer=i))
         for name in ("q_proj", "k_proj", "v_proj"):
-            e += _linear(p + ("self_attn", name), k + f"self_attn.{name}", cfg.qkv_bias)
-        e += _linear(p + ("self_attn", "o_proj"), k + "self_attn.o_proj", cfg.o_bias, n_in=2)
-        e.append(
-            Entry(p + ("post_attention_layernorm", "scale"), k + "post_attention_layernorm.weight", "copy")
-        )
+            e += _linear(p + ("self_attn", name), k + f"self_attn.{name}", cfg.qkv_bias, layer=i)
+        e += _linear(p + ("self_attn", "o_proj"), k + "self_attn.o_proj", cfg.o_bias, n_in=2, layer=i)
+        e.append(Entry(p + ("post_attention_layernorm", "scale"),
+                       k + "post_attention_layernorm.weight", "copy", layer=i))
         for name in ("gate_proj", "up_proj", "down_proj"):
-            e += _linear(p + ("mlp", name), k + f"mlp.{name}", cfg.mlp_bias)
+            e += _linear(p + ("mlp", name), k + f"mlp.{name}", cfg.mlp_bias, layer=i)
     e.append(Entry(ours + ("norm", "scale"), f"{model}norm.weight", "copy"))
     if not cfg.tie_word_embeddings:
         e.append(Entry(ours + ("lm_head", "kernel"), head, "linear"))
     return e
 
 
-def _encoder_layer(p: tuple, k: str) -> list[Entry]:
-    """One pre-LN transformer layer as CLIP's and SigLIP's towers (vision and text) name it."""
-    e = _layer_norm(p + ("layer_norm1",), k + "layer_norm1")
-    for name in ("q_proj", "k_proj", "v_proj"):
-        e += _linear(p + ("self_attn", name), k + f"self_attn.{name}", True)
-    e += _linear(p + ("self_attn", "out_proj"), k + "self_attn.out_proj", True, n_in=2)
-    e += _layer_norm(p + ("layer_norm2",), k + "layer_norm2")
-    e += _linear(p + ("mlp", "fc1"), k + "mlp.fc1", True)
-    e += _linear(p + ("mlp", "fc2"), k + "mlp.fc2", True)
+def _encoder_layers(p: tuple, k: str, num_layers: int) -> list[Entry]:
+    """The stacked pre-LN layers (at our path `p`) as CLIP's and SigLIP's towers (vision and
+    text) name them: HF `{k}{i}.…` is slice i."""
+    e = []
+    for i in range(num_layers):
+        ki = f"{k}{i}."
+        e += _layer_norm(p + ("layer_norm1",), ki + "layer_norm1", i)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            e += _linear(p + ("self_attn", name), ki + f"self_attn.{name}", True, layer=i)
+        e += _linear(p + ("self_attn", "out_proj"), ki + "self_attn.out_proj", True, n_in=2, layer=i)
+        e += _layer_norm(p + ("layer_norm2",), ki + "layer_norm2", i)
+        e += _linear(p + ("mlp", "fc1"), ki + "mlp.fc1", True, layer=i)
+        e += _linear(p + ("mlp", "fc2"), ki + "mlp.fc2", True, layer=i)
     return e
 
 
@@ -125,8 +136,7 @@ def vision_entries(cfg: VisionConfig, ours: tuple = ("vision_tower",), hf: str =
         e += _layer_norm(ours + ("pre_layrnorm",), f"{hf}pre_layrnorm")
     else:
         e.append(Entry(emb + ("patch_embedding", "bias"), f"{hf}embeddings.patch_embedding.bias", "copy"))
-    for i in range(cfg.num_layers):
-        e += _encoder_layer(ours + ("layers", i), f"{hf}encoder.layers.{i}.")
+    e += _encoder_layers(ours + ("layers",), f"{hf}encoder.layers.", cfg.num_layers)
     e += _layer_norm(ours + ("post_layernorm",), f"{hf}post_layernorm")
     if cfg.family == "siglip" and cfg.use_head:
         h, k = ours + ("head",), f"{hf}head."
@@ -158,8 +168,7 @@ def clip_entries(cfg) -> list[Entry]:
     e = [Entry(t + ("embeddings", "token_embedding"), f"{k}embeddings.token_embedding.weight", "copy"),
          Entry(t + ("embeddings", "position_embedding"), f"{k}embeddings.position_embedding.weight",
                "copy")]
-    for i in range(cfg.text.num_layers):
-        e += _encoder_layer(t + ("layers", i), f"{k}encoder.layers.{i}.")
+    e += _encoder_layers(t + ("layers",), f"{k}encoder.layers.", cfg.text.num_layers)
     e += _layer_norm(t + ("final_layer_norm",), f"{k}final_layer_norm")
     e += vision_entries(cfg.vision, ("vision_model",), "vision_model.")
     e += _linear(("visual_projection",), "visual_projection", False)

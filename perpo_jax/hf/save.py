@@ -18,7 +18,7 @@ from flax import nnx
 from perpo_jax.atomic import atomic_dir, is_url
 from perpo_jax.hf.config_map import config_to_hf
 from perpo_jax.hf.errors import CheckpointError
-from perpo_jax.hf.mapping import entries_for, hf_shape, to_hf
+from perpo_jax.hf.mapping import entries_for, hf_shape, layer_shape, to_hf
 from perpo_jax.hf.safetensors_io import (
     INDEX_FILE,
     nbytes,
@@ -76,7 +76,7 @@ def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", s
     sizes = []
     for e in entries:
         value = state[e.path].get_value()
-        sizes.append((e.key, nbytes(hf_shape(e, tuple(value.shape)), value.dtype)))
+        sizes.append((e.key, nbytes(hf_shape(e, layer_shape(e, value.shape)), value.dtype)))
     shards = plan_shards(sizes, parse_size(max_shard_size))
     names = shard_names(len(shards))
 
@@ -87,7 +87,9 @@ def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", s
             tensors = {}
             for key in keys:
                 e = by_key[key]
-                host = np.asarray(jax.device_get(state[e.path].get_value()))
+                value = state[e.path].get_value()
+                # one layer's slice of a stacked parameter at a time
+                host = np.asarray(jax.device_get(value if e.layer is None else value[e.layer]))
                 tensors[key] = to_hf(e, host)
                 weight_map[key] = name
             write_shard(os.path.join(tmp, name), tensors)

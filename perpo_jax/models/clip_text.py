@@ -24,6 +24,7 @@ from flax import nnx
 
 from perpo_jax.models.config import VisionConfig, as_jnp_dtype
 from perpo_jax.models.layers import LayerNorm, Linear, param
+from perpo_jax.models.stack import scan_layers, stack_modules
 from perpo_jax.models.vision import VisionBlock, VisionTower
 
 CLIPSCORE_W = 2.5
@@ -90,7 +91,7 @@ class ClipTextTower(nnx.Module):
         self.config = cfg
         self.embeddings = ClipTextEmbeddings(cfg, rngs=rngs)
         block = cfg.block_config()
-        self.layers = nnx.List([VisionBlock(block, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = stack_modules(lambda: VisionBlock(block, rngs=rngs), cfg.num_layers)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
                                           param_dtype=as_jnp_dtype(cfg.param_dtype))
 
@@ -107,8 +108,7 @@ class ClipTextTower(nnx.Module):
         if attention_mask is not None:
             allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
-        for block in self.layers:
-            x = _masked_block(block, x, bias)
+        x, _ = scan_layers(self.layers, lambda block, x, _: (_masked_block(block, x, bias), None), x)
         x = self.final_layer_norm(x)
         if cfg.eos_token_id == 2:  # legacy configs: EOS is the highest id (HF's rule)
             where = jnp.argmax(input_ids, axis=-1)
@@ -137,7 +137,7 @@ class ClipModel(nnx.Module):
         return self.text_projection(self.text_model(input_ids, attention_mask))
 
     def image_embeds(self, pixel_values):
-        cls = self.vision_model.hidden_states(pixel_values)[-1][:, 0]
+        cls = self.vision_model.hidden_states_at(pixel_values, [self.config.vision.num_layers])[0][:, 0]
         return self.visual_projection(self.vision_model.post_layernorm(cls))
 
     def cosine(self, pixel_values, input_ids, attention_mask=None):

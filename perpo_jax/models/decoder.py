@@ -2,7 +2,8 @@
 
 Shape letters: B batch, G groups per row (candidates or samples), T tokens of this call,
 P prefix (prompt) slots, S cache slots, D hidden, N query heads, K kv heads, R = N // K query
-heads per kv head, H head dim, F mlp width, V vocab.
+heads per kv head, H head dim, F mlp width, V vocab, L layers (the blocks are one stacked module
+run under `jax.lax.scan`: models/stack.py).
 
 There is ONE attention core (`grouped_attention`): queries [B, G, T, N, H] attend to a shared
 prefix segment [B, P, K, H] (broadcast over G by the einsum, never copied) and to an own segment
@@ -29,6 +30,7 @@ from perpo_jax.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
+from perpo_jax.models.stack import scan_layers, stack_modules
 
 # Masked-out scores: large finite negative (not -inf) so fully masked rows stay finite.
 MASK_VALUE = -1e30
@@ -38,7 +40,7 @@ MASK_VALUE = -1e30
 class PrefixKV:
     """K/V of a prefilled prompt, shared by every group of a row.
 
-    k, v: tuple over layers of [B, P, K, H] (keys RoPE-rotated); mask: [B, P] bool.
+    k, v: [L, B, P, K, H] stacked over layers (keys RoPE-rotated); mask: [B, P] bool.
     """
 
     k: tuple
@@ -48,7 +50,7 @@ class PrefixKV:
 
 @struct.dataclass
 class GroupCache:
-    """Per-group decode cache. k, v: tuple over layers of [B, G, S, K, H]; mask [B, G, S] bool."""
+    """Per-group decode cache. k, v: [L, B, G, S, K, H] stacked over layers; mask [B, G, S] bool."""
 
     k: tuple
     v: tuple
@@ -205,18 +207,21 @@ class Attention(nnx.Module):
 
     def __call__(self, x_bgtd, cos, sin, own_mask, prefix, cache_kv, cache_index, causal=False):
         """x [B, G, T, D]; cos/sin [B, G, T, H]; prefix (k, v, mask) or None;
-        cache_kv (k, v) [B, G, S, K, H] or None; causal: own_mask is causal (see
-        `grouped_attention`). Returns (out [B, G, T, D], (k, v) of the own segment: this
-        call's [B, G, T, K, H], or the updated cache)."""
+        cache_kv (k, v) [B, G, S, K, H] of this layer or None; causal: own_mask is causal (see
+        `grouped_attention`). Returns (out [B, G, T, D], (k, v) [B, G, T, K, H] of this call's
+        tokens); with a cache they are also written at [cache_index, cache_index + T) of the
+        layer's cache before attending (the caller writes them into its stacked cache)."""
         q = apply_rope(self.q_proj(x_bgtd), cos, sin)
         k = apply_rope(self.k_proj(x_bgtd), cos, sin)
         v = self.v_proj(x_bgtd)
-        if cache_kv is not None:
+        if cache_kv is None:
+            keys, values = k, v
+        else:
             ck, cv = cache_kv
             start = (0, 0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-        out = grouped_attention(q, k, v, own_mask, prefix, causal=causal)
+            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+        out = grouped_attention(q, keys, values, own_mask, prefix, causal=causal)
         return self.o_proj(out), (k, v)
 
 
@@ -259,14 +264,6 @@ class DecoderBlock(nnx.Module):
         return x, kv
 
 
-def _run_block(block, *args):
-    return block(*args)
-
-
-def _run_causal_block(block, *args):
-    return block(*args, causal=True)
-
-
 class DecoderLM(nnx.Module):
     """Llama / Qwen2 causal LM. See docs/internals.md for the interface contract."""
 
@@ -276,7 +273,8 @@ class DecoderLM(nnx.Module):
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, dtype=dt, param_dtype=pdt, rngs=rngs
         )
-        self.layers = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+        # ONE block with [L, ...] Variables, run under jax.lax.scan (models/stack.py)
+        self.layers = stack_modules(lambda: DecoderBlock(config, rngs=rngs), config.num_layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -323,12 +321,9 @@ class DecoderLM(nnx.Module):
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         own_mask = CausalOwnMask(mask_bt[:, None], self.config.attention)
-        x, kvs = self._blocks(embeds_btd[:, None], positions_bt[:, None], own_mask, None, None, None,
-                              causal=True)
-        prefix = PrefixKV(
-            k=tuple(k[:, 0] for k, _ in kvs), v=tuple(v[:, 0] for _, v in kvs), mask=mask_bt
-        )
-        return x[:, 0], prefix
+        x, (k, v) = self._blocks(embeds_btd[:, None], positions_bt[:, None], own_mask, None, None,
+                                 None, causal=True, collect_kv=True)
+        return x[:, 0], PrefixKV(k=k[:, :, 0], v=v[:, :, 0], mask=mask_bt)
 
     def extend(self, embeds_bgtd, positions_bgt, mask_bgt, prefix=None, cache=None, cache_index=None):
         """Runs G groups of T tokens per row after an optional shared prefix.
@@ -352,34 +347,45 @@ class DecoderLM(nnx.Module):
             s = cache.mask.shape[-1]
             slot_ok_ts = jnp.arange(s)[None, :] <= cache_index + jnp.arange(t)[:, None]
             own_mask = new_mask[:, :, None, :] & slot_ok_ts[None, None]
-        x, kvs = self._blocks(embeds_bgtd, positions_bgt, own_mask, prefix, cache, cache_index)
+        x, kv = self._blocks(embeds_bgtd, positions_bgt, own_mask, prefix, cache, cache_index)
         if cache is None:
             return x, None
-        return x, GroupCache(k=tuple(k for k, _ in kvs), v=tuple(v for _, v in kvs), mask=new_mask)
+        # this call's K/V of every layer [L, B, G, T, K, H] into the stacked cache, in place
+        start = (0, 0, 0, cache_index, 0, 0)
+        k = jax.lax.dynamic_update_slice(cache.k, kv[0].astype(cache.k.dtype), start)
+        v = jax.lax.dynamic_update_slice(cache.v, kv[1].astype(cache.v.dtype), start)
+        return x, GroupCache(k=k, v=v, mask=new_mask)
 
     def init_cache(self, batch: int, groups: int, max_len: int) -> GroupCache:
-        """Empty cache: k/v zeros [B, G, S, K, H] per layer (compute dtype), mask all False."""
+        """Empty cache: k/v zeros [L, B, G, S, K, H] (compute dtype), mask all False."""
         cfg = self.config
-        shape = (batch, groups, max_len, cfg.num_kv_heads, cfg.head_dim)
-        dt = as_jnp_dtype(cfg.dtype)
-        zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        shape = (cfg.num_layers, batch, groups, max_len, cfg.num_kv_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, as_jnp_dtype(cfg.dtype))
         return GroupCache(k=zeros, v=zeros, mask=jnp.zeros((batch, groups, max_len), bool))
 
     # ------------------------------------------------------------------ internals
 
-    def _blocks(self, x_bgtd, positions_bgt, own_mask, prefix, cache, cache_index, causal=False):
-        """Runs every block; returns (final-normed x, list of per-layer own-segment (k, v)).
-        causal: own_mask is causal (prefill), so attention may skip key blocks it masks."""
+    def _blocks(self, x_bgtd, positions_bgt, own_mask, prefix, cache, cache_index, causal=False,
+                collect_kv=False):
+        """Runs the stacked blocks under one scan; returns (final-normed x, this call's K/V of
+        every layer, each [L, B, G, T, K, H], or None). The prefix's and the cache's per-layer
+        K/V are the scan's inputs. causal: own_mask is causal (prefill), so attention may skip
+        key blocks it masks. collect_kv: return the K/V without a cache too (prefill)."""
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope_cos_sin(positions_bgt, inv_freq, as_jnp_dtype(cfg.dtype))
         x = x_bgtd.astype(as_jnp_dtype(cfg.dtype))
-        body = _run_causal_block if causal else _run_block
-        run = nnx.remat(body) if cfg.remat else body
-        kvs = []
-        for i, block in enumerate(self.layers):
-            layer_prefix = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.mask)
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = run(block, x, cos, sin, own_mask, layer_prefix, layer_cache, cache_index)
-            kvs.append(kv)
-        return self.norm(x), kvs
+        layer_xs = {}
+        if prefix is not None:
+            layer_xs["prefix"] = (prefix.k, prefix.v)
+        if cache is not None:
+            layer_xs["cache"] = (cache.k, cache.v)
+        keep_kv = collect_kv or cache is not None
+
+        def body(block, x, xs):
+            layer_prefix = None if prefix is None else (*xs["prefix"], prefix.mask)
+            x, kv = block(x, cos, sin, own_mask, layer_prefix, xs.get("cache"), cache_index, causal)
+            return x, (kv if keep_kv else None)
+
+        x, kv = scan_layers(self.layers, body, x, layer_xs, remat=cfg.remat)
+        return self.norm(x), kv

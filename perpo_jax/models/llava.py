@@ -57,8 +57,7 @@ class LlavaModel(nnx.Module):
             if not -n_states <= layer < n_states:
                 raise ValueError(f"vision_feature_layer {layer} out of range for {n_states} hidden states")
         indices = [layer % n_states for layer in self.config.feature_layers]
-        states = self.vision_tower.hidden_states(pixel_values_bchw, upto=max(indices))
-        picked = [states[i] for i in indices]
+        picked = self.vision_tower.hidden_states_at(pixel_values_bchw, indices)
         if self.config.vision_feature_select_strategy == "default":
             picked = [s[:, 1:] for s in picked]
         return self.multi_modal_projector(jnp.concatenate(picked, axis=-1))

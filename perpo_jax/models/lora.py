@@ -1,8 +1,10 @@
 """LoRA adapters on the model's `Linear` layers, the base model doubling as the reference.
 
 `apply_lora(model, cfg, rngs)` puts a `LoRA` module in the `lora` slot of every `Linear`
-whose dotted module path (e.g. `language_model.layers.0.self_attn.q_proj`) matches one of
-`cfg.targets` (regexes, `re.search`). The adapter adds `scale · dropout(x) · A · B` with
+whose dotted module path (e.g. `language_model.layers.self_attn.q_proj`) matches one of
+`cfg.targets` (regexes, `re.search`). A tower's layers are one stacked module
+(models/stack.py), so a path names that projection in every layer, and its adapter is a
+stacked LoRA (A [L, *in, r], B [L, r, *out]) that the layer scan slices like the kernel. The adapter adds `scale · dropout(x) · A · B` with
 A [*in, r] (PEFT's kaiming-uniform: U(±1/sqrt(fan_in))), B [r, *out] zeros, scale = α / r.
 Its weights are `LoRAParam`s (a subclass of `nnx.Param`) so filters separate them from the
 base weights: `trainable_filter(cfg)` selects what gets gradients and optimizer state.
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from perpo_jax.mesh import variable_axes
+from perpo_jax.models.stack import is_stacked, stack_modules
 
 
 class LoRAParam(nnx.Param):
@@ -77,9 +80,16 @@ class LoRA(nnx.Module):
         )
 
     def delta(self) -> jax.Array:
-        """scale · A · B as a float32 kernel update [*in_shape, *out_shape]."""
+        """scale · A · B as a float32 kernel update [*in_shape, *out_shape] ([L, ...] for a
+        stacked adapter: one update per layer)."""
         a = self.a[...].astype(jnp.float32)
-        return jnp.tensordot(a, self.b[...].astype(jnp.float32), axes=1) * self.scale
+        b = self.b[...].astype(jnp.float32)
+
+        def one(a, b):
+            return jnp.tensordot(a, b, axes=1) * self.scale
+
+        stacked = a.ndim > len(self.in_shape) + 1
+        return jax.vmap(one)(a, b) if stacked else one(a, b)
 
 
 def module_path(path) -> str:
@@ -114,20 +124,18 @@ def apply_lora(model, cfg, rngs: nnx.Rngs, *, param_dtype=None):
         if linear.lora is not None:
             raise ValueError(f"{path} already has a LoRA adapter")
         axes = variable_axes(linear.kernel) or (None,) * linear.kernel[...].ndim
+        layers = None
+        if is_stacked(linear.kernel):  # one adapter per layer of a stacked tower, stacked too
+            layers, axes = linear.kernel[...].shape[0], axes[1:]
         n_in = len(linear.in_shape)
-        linear.lora = nnx.data(
-            LoRA(
-                linear.in_shape,
-                linear.out_shape,
-                in_axes=axes[:n_in],
-                out_axes=axes[n_in:],
-                rank=cfg.rank,
-                alpha=cfg.alpha,
-                dropout=cfg.dropout,
-                rngs=rngs,
-                param_dtype=param_dtype or linear.kernel[...].dtype,
-            )
-        )
+
+        def make(linear=linear, axes=axes, n_in=n_in):
+            return LoRA(linear.in_shape, linear.out_shape, in_axes=axes[:n_in],
+                        out_axes=axes[n_in:], rank=cfg.rank, alpha=cfg.alpha,
+                        dropout=cfg.dropout, rngs=rngs,
+                        param_dtype=param_dtype or linear.kernel[...].dtype)
+
+        linear.lora = nnx.data(make() if layers is None else stack_modules(make, layers))
     return model
 
 

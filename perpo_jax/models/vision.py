@@ -19,6 +19,7 @@ from flax import nnx
 
 from perpo_jax.models.config import VisionConfig, as_jnp_dtype
 from perpo_jax.models.layers import LayerNorm, Linear, activation, param
+from perpo_jax.models.stack import scan_layers, stack_modules
 
 _VEMBED = "vision_embed"
 
@@ -142,7 +143,8 @@ class SiglipPoolingHead(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """CLIP / SigLIP ViT. `hidden_states(pixels, upto)` gives HF's hidden states 0..upto."""
+    """CLIP / SigLIP ViT; its blocks are one stacked module run under a scan (models/stack.py).
+    `hidden_states_at(pixels, indices)` gives HF's hidden states at those indices."""
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -152,23 +154,30 @@ class VisionTower(nnx.Module):
             self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=pdt)
         else:
             self.pre_layrnorm = None
-        self.layers = nnx.List([VisionBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = stack_modules(lambda: VisionBlock(cfg, rngs=rngs), cfg.num_layers)
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=pdt)
         self.head = SiglipPoolingHead(cfg, rngs=rngs) if cfg.family == "siglip" and cfg.use_head else None
 
-    def hidden_states(self, pixel_values_bchw, upto: int | None = None) -> list:
-        """[B, L, D] hidden states 0..upto (0: encoder input; i: after layer i)."""
-        upto = self.config.num_layers if upto is None else upto
+    def hidden_states_at(self, pixel_values_bchw, indices) -> list:
+        """[B, L, D] hidden states at `indices` (0: encoder input; i: after layer i), in the
+        order given; layers past the largest index are not run."""
+        n = self.config.num_layers
+        if any(not 0 <= i <= n for i in indices):
+            raise ValueError(f"hidden state indices {list(indices)} outside 0..{n}")
         x = self.embeddings(pixel_values_bchw)
         if self.pre_layrnorm is not None:
             x = self.pre_layrnorm(x)
-        states = [x]
-        for block in self.layers[:upto]:
-            x = block(x)
-            states.append(x)
-        return states
+        states, done = {0: x}, 0
+        for stop in sorted(set(indices) - {0}):  # one scan per segment between wanted states
+            x, _ = scan_layers(self.layers, _run_block, x, start=done, stop=stop)
+            states[stop], done = x, stop
+        return [states[i] for i in indices]
 
     def __call__(self, pixel_values_bchw):
         """Last hidden state [B, L, D] as HF's `last_hidden_state` (SigLIP: after post-LN)."""
-        x = self.hidden_states(pixel_values_bchw)[-1]
+        (x,) = self.hidden_states_at(pixel_values_bchw, [self.config.num_layers])
         return self.post_layernorm(x) if self.config.family == "siglip" else x
+
+
+def _run_block(block: VisionBlock, x, _):
+    return block(x), None

@@ -5,7 +5,7 @@ One round (online mode):
     prompts ──sample (device, KV cache, shared prefill)──► K candidates per prompt
             ──decode + reward (host numpy, each host its own samples)──► rewards [B, K]
             ──build_lists (dedup, min_margin, sort, thin to K)──► ListSet (saved to disk)
-            ──reference log-probs (LoRA off, once per list)──► ref_logps [L, K]
+            ──reference log-probs (LoRA off, once per list; none for simpo/orpo)──► ref_logps [L, K]
             ──S jitted sharded updates over the round's lists──► checkpoint ──► next round
 
 Offline mode replaces sampling by the pre-sampled candidates of the official PerPO JSON
@@ -55,7 +55,7 @@ from perpo_jax.train.optim import make_optimizer
 from perpo_jax.train.run_log import RunLog, plot_curves
 from perpo_jax.train.state import (create_train_state, partition_model, reference_state,
                                    trained_model, with_storage_dtypes)
-from perpo_jax.train.step import build_ref_logps, build_train_step
+from perpo_jax.train.step import build_ref_logps, build_train_step, uses_reference
 
 
 @dataclasses.dataclass
@@ -198,7 +198,7 @@ class _Trainer:
             optimizer=optimizer, schedule=schedule, mesh=mesh, grad_accum=cfg.optim.grad_accum,
             shared_prefix=cfg.train.shared_prefix)
         self.ref_fn = None
-        if cfg.loss.name != "sft" and cfg.train.precompute_ref:
+        if uses_reference(cfg.loss.name) and cfg.train.precompute_ref:  # not sft/simpo/orpo
             self.ref_fn = build_ref_logps(self.parts.graphdef, self.state.params, self.frozen,
                                           self.reference, mesh=mesh,
                                           shared_prefix=cfg.train.shared_prefix)

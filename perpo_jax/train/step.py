@@ -7,7 +7,9 @@
 One `jax.jit` with explicit shardings: params / optimizer state by the logical rules, the
 list batch over (data, fsdp), the train state donated; `frozen` (base weights) and `reference`
 are read-only inputs. The loss is computed from `scoring.list_logprobs` + `losses.LOSSES`
-(or token NLL for `sft`); gradients are taken wrt the trainable params only. Gradient
+(or token NLL for `sft`); gradients are taken wrt the trainable params only. Reference-free
+losses (`losses.REFERENCE_FREE_LOSSES`: simpo, orpo) never run the reference model and ignore
+any `batch["ref_logps"]`; they get each candidate's token count from `response_mask`. Gradient
 accumulation scans over micro-batches of lists (`microbatched`), so one call is one update.
 A non-finite loss or gradient norm, or a batch with no valid list, skips the update (params
 and optimizer state unchanged, `skipped` += 1).
@@ -16,6 +18,7 @@ and optimizer state unchanged, `skipped` += 1).
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable
 
 import jax
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from perpo_jax.losses import LOSSES
+from perpo_jax.losses import LOSSES, REFERENCE_FREE_LOSSES
 from perpo_jax.mesh import batch_sharding, state_shardings
 from perpo_jax.scoring import list_logprobs, response_token_logps
 from perpo_jax.train.state import TrainState, reference_state, train_state_shardings
@@ -31,6 +34,11 @@ from perpo_jax.train.state import TrainState, reference_state, train_state_shard
 LOSS_NAMES = (*LOSSES, "sft")
 # Metrics that add up over micro-batches; every other metric is a list-weighted mean.
 SUMMED_METRICS = ("num_valid_lists", "tokens")
+
+
+def uses_reference(loss_name: str) -> bool:
+    """Whether `loss.name` needs reference log-probs (in the step or precomputed with the lists)."""
+    return loss_name in LOSSES and loss_name not in REFERENCE_FREE_LOSSES
 
 
 # ----------------------------------------------------------------------------- models
@@ -43,8 +51,16 @@ def policy_model(graphdef, params, frozen, key=None):
     model = nnx.merge(graphdef, params, frozen, copy=True)
     if key is None:
         return model
-    nnx.reseed(model, dropout=key)
+    nnx.reseed(model, dropout=key, policy=_stream_key)
     return nnx.view(model, deterministic=False, raise_if_not_found=False)
+
+
+def _stream_key(path, key, shape):
+    """The step key -> one dropout stream's key: its own per module path (so q/k/v adapters,
+    which see the same input, draw different masks), split [L] for a stacked module's layers.
+    crc32, not hash(): the same key in every process."""
+    key = jax.random.fold_in(key, zlib.crc32("/".join(map(str, path)).encode()))
+    return jax.random.split(key, shape) if shape else key
 
 
 def reference_model(graphdef, params, frozen, reference):
@@ -67,17 +83,35 @@ def _num_tokens(batch, response_mask):
             + response_mask.astype(jnp.float32).sum())
 
 
-def preference_objective(policy, ref_logps, batch, loss_cfg, *, shared_prefix=True):
-    """Listwise loss on [B, K] candidates. Returns (loss, weight = valid lists, metrics)."""
-    policy_logps = list_logprobs(policy, batch, shared_prefix=shared_prefix)
+def loss_kwargs(loss_cfg) -> dict:
+    """The keyword arguments of `LOSSES[loss_cfg.name]` taken from the `loss.*` config keys."""
+    name = loss_cfg.name
+    if name == "orpo":
+        return {"lam": loss_cfg.orpo_lambda}
     kwargs = {"beta": loss_cfg.beta}
-    if loss_cfg.name == "perpo":
+    if name == "perpo":
         kwargs["gamma"] = loss_cfg.gamma
-    if loss_cfg.name == "dpo":
+    if name == "dpo":
         kwargs["label_smoothing"] = loss_cfg.label_smoothing
-    loss, metrics = LOSSES[loss_cfg.name](
-        policy_logps, ref_logps, batch["rewards"], batch["list_mask"], **kwargs
-    )
+    if name == "simpo":
+        kwargs["gamma_beta_ratio"] = loss_cfg.simpo_gamma_beta_ratio
+    return kwargs
+
+
+def preference_objective(policy, ref_logps, batch, loss_cfg, *, shared_prefix=True):
+    """Listwise loss on [B, K] candidates. Returns (loss, weight = valid lists, metrics).
+
+    `ref_logps` [B, K] for a reference loss; None for a reference-free one, which gets the
+    candidates' token counts `response_mask.sum(-1)` [B, K] instead.
+    """
+    policy_logps = list_logprobs(policy, batch, shared_prefix=shared_prefix)
+    fn, kwargs = LOSSES[loss_cfg.name], loss_kwargs(loss_cfg)
+    if uses_reference(loss_cfg.name):
+        loss, metrics = fn(policy_logps, ref_logps, batch["rewards"], batch["list_mask"], **kwargs)
+    else:
+        lengths = batch["response_mask"].astype(jnp.float32).sum(axis=-1)
+        loss, metrics = fn(policy_logps, batch["rewards"], batch["list_mask"], lengths=lengths,
+                           **kwargs)
     metrics = dict(metrics, tokens=_num_tokens(batch, batch["response_mask"]))
     return loss, metrics["num_valid_lists"], metrics
 
@@ -120,7 +154,8 @@ def sft_objective(policy, batch, loss_cfg, *, shared_prefix=True):
 def make_objective(graphdef, loss_cfg, *, shared_prefix=True) -> Callable:
     """objective(params, frozen, reference, batch, key) -> (loss, (weight, metrics)).
 
-    Uses `batch["ref_logps"]` when present, else the reference model (LoRA off, no gradient).
+    Uses `batch["ref_logps"]` when present, else the reference model (LoRA off, no gradient);
+    neither for a reference-free loss (`uses_reference`).
     """
     if loss_cfg.name not in LOSS_NAMES:
         raise ValueError(f"loss.name must be one of {LOSS_NAMES}, got {loss_cfg.name!r}")
@@ -130,7 +165,9 @@ def make_objective(graphdef, loss_cfg, *, shared_prefix=True) -> Callable:
         if loss_cfg.name == "sft":
             loss, weight, metrics = sft_objective(policy, batch, loss_cfg, shared_prefix=shared_prefix)
             return loss, (weight, metrics)
-        if "ref_logps" in batch:
+        if not uses_reference(loss_cfg.name):
+            ref = None
+        elif "ref_logps" in batch:
             ref = jax.lax.stop_gradient(batch["ref_logps"].astype(jnp.float32))
         else:
             ref = reference_logps(graphdef, params, frozen, reference, batch, shared_prefix=shared_prefix)
