@@ -54,6 +54,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # master params (and optimizer state) dtype
     remat: bool = False  # rematerialise each decoder block in the backward pass
+    # prefill / candidate-scoring attention: auto (TPU splash, GPU cudnn where it fits, else
+    # xla; by the platform the program compiles for) | xla | splash | cudnn (docs/attention.md)
+    attention: str = "auto"
 
 
 @dataclass
@@ -285,6 +288,7 @@ class Config:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("auto", "xla", "splash", "cudnn"),
     "loss.name": ("perpo", "lipo", "lipo_lambda", "dpo", "ipo", "simpo", "orpo", "sft"),
     "loss.sft_target": ("best", "ground_truth"),
     "optim.schedule": ("cosine", "linear", "constant"),

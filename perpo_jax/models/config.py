@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from perpo_jax.models import anyres
 
+# the choices of TextConfig.attention (models/attention_kernels.py implements them)
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -74,6 +76,9 @@ class TextConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     remat: bool = False
+    # attention kernel for prefill / candidate scoring (models/attention_kernels.py):
+    # "auto" (by the target devices' platform), "xla", "splash" (Pallas TPU), "cudnn"
+    attention: str = "auto"
     dtype: str = "float32"
     param_dtype: str = "float32"
     # Token ids copied through to config.json on export (not used by the model itself).
@@ -88,6 +93,9 @@ class TextConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"TextConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                             f"got {self.attention!r}")
         as_jnp_dtype(self.dtype)
         as_jnp_dtype(self.param_dtype)
 

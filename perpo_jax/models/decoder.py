@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from perpo_jax.models.attention_kernels import CausalOwnMask, choose, fused_attention
 from perpo_jax.models.config import TextConfig, as_jnp_dtype
 from perpo_jax.models.layers import (
     Embedding,
@@ -63,7 +64,10 @@ CAUSAL_BLOCK = 128
 def grouped_attention(q_bgtnh, k_bgskh, v_bgskh, own_mask_bgts, prefix=None, causal=False):
     """Softmax attention over [prefix segment ; own segment], float32 softmax.
 
-    q_bgtnh: [B, G, T, N, H]; k/v_bgskh: [B, G, S, K, H]; own_mask_bgts: [B|1, G|1, T, S] bool.
+    q_bgtnh: [B, G, T, N, H]; k/v_bgskh: [B, G, S, K, H]; own_mask_bgts: [B|1, G|1, T, S] bool,
+    or a `CausalOwnMask` (own keys = this call's tokens, S = T: validity [B, G, T] + causal),
+    the structural form a fused kernel takes: its `implementation` (TextConfig.attention) picks
+    splash / cuDNN / this XLA core (models/attention_kernels.py; padding rows may then differ).
     prefix: None or (k_bpkh [B, P, K, H], v_bpkh, mask_bp [B, P] bool) shared by all G groups.
     causal: the caller promises own_mask is zero above the diagonal (query i sees no key > i).
     Then, without a prefix and for T = S > 2 · CAUSAL_BLOCK, queries run in blocks that score
@@ -71,6 +75,13 @@ def grouped_attention(q_bgtnh, k_bgskh, v_bgskh, own_mask_bgts, prefix=None, cau
     ~40 % fewer scores, smaller float32 score tensors).
     Returns [B, G, T, N, H] in q's dtype.
     """
+    if isinstance(own_mask_bgts, CausalOwnMask):
+        kernel = choose(own_mask_bgts.implementation, has_prefix=prefix is not None,
+                        dtype=q_bgtnh.dtype, head_dim=q_bgtnh.shape[-1])
+        if kernel != "xla":
+            return fused_attention(kernel, q_bgtnh, k_bgskh, v_bgskh, own_mask_bgts.valid_bgt,
+                                   prefix)
+        own_mask_bgts, causal = own_mask_bgts.dense(), True
     b, g, t, n, h = q_bgtnh.shape
     s, kv_heads = k_bgskh.shape[2], k_bgskh.shape[-2]
     if causal and prefix is None and t == s and t > 2 * CAUSAL_BLOCK:
@@ -309,8 +320,7 @@ class DecoderLM(nnx.Module):
         )
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        causal_tt = jnp.tril(jnp.ones((t, t), bool))
-        own_mask = mask_bt[:, None, None, :] & causal_tt[None, None]
+        own_mask = CausalOwnMask(mask_bt[:, None], self.config.attention)
         x, (k, v) = self._blocks(embeds_btd[:, None], positions_bt[:, None], own_mask, None, None,
                                  None, causal=True, collect_kv=True)
         return x[:, 0], PrefixKV(k=k[:, :, 0], v=v[:, :, 0], mask=mask_bt)
@@ -328,8 +338,7 @@ class DecoderLM(nnx.Module):
         t = embeds_bgtd.shape[2]
         mask_bgt = mask_bgt.astype(bool)
         if cache is None:
-            causal_tt = jnp.tril(jnp.ones((t, t), bool))
-            own_mask = mask_bgt[:, :, None, :] & causal_tt[None, None]
+            own_mask = CausalOwnMask(mask_bgt, self.config.attention)
             new_mask = None
         else:
             if cache_index is None:

@@ -72,8 +72,9 @@ def check_model_processor(model_config, processor) -> None:
 
 
 def _remat_config(cfg: Config, model_config):
-    """A LlavaConfig with `model.remat` applied to its decoder."""
-    return model_config.replace(text=model_config.text.replace(remat=cfg.model.remat))
+    """A LlavaConfig with `model.remat` and `model.attention` applied to its decoder."""
+    return model_config.replace(text=model_config.text.replace(
+        remat=cfg.model.remat, attention=cfg.model.attention))
 
 
 def tiny_model_config(cfg: Config, processor):
@@ -103,9 +104,9 @@ def build_model(cfg: Config, mesh, processor):
     """
     if cfg.model.hf_path is not None:
         model = load_pretrained(cfg.model.hf_path, dtype=as_jnp_dtype(cfg.model.dtype), mesh=mesh)
-        if cfg.model.remat:  # the decoder reads config.remat at call time; HF configs say False
-            model.config = _remat_config(cfg, model.config)
-            model.language_model.config = model.config.text
+        # the decoder reads config.remat / .attention at call time; HF configs give defaults
+        model.config = _remat_config(cfg, model.config)
+        model.language_model.config = model.config.text
         check_model_processor(model.config, processor)
         return model
     config = tiny_model_config(cfg, processor)

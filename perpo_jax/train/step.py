@@ -278,6 +278,18 @@ def train_step(state: TrainState, frozen, reference, batch, *, graphdef, loss_cf
     return new_state, metrics
 
 
+def traced_under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """fn traced with `mesh` as the abstract mesh: fused attention kernels
+    (models/attention_kernels.py) read from it the target devices' platform (a CPU host may
+    compile for TPU) and the axes their shard_map splits over."""
+
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 def build_train_step(graphdef, state, frozen, reference, *, loss_cfg, optimizer, schedule,
                      mesh: Mesh, grad_accum: int = 1, shared_prefix: bool = True):
     """ONE jitted step(state, frozen, reference, batch) -> (state, metrics).
@@ -291,7 +303,7 @@ def build_train_step(graphdef, state, frozen, reference, *, loss_cfg, optimizer,
         schedule=schedule, grad_accum=grad_accum, shared_prefix=shared_prefix,
     )
     return jax.jit(
-        fn,
+        traced_under_mesh(fn, mesh),
         in_shardings=(state_sh, state_shardings(frozen, mesh), state_shardings(reference, mesh),
                       batch_sharding(mesh, 1)),
         out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
@@ -308,7 +320,7 @@ def build_ref_logps(graphdef, params, frozen, reference, *, mesh: Mesh, shared_p
     """
     fn = functools.partial(reference_logps, graphdef, shared_prefix=shared_prefix)
     return jax.jit(
-        fn,
+        traced_under_mesh(fn, mesh),
         in_shardings=(state_shardings(params, mesh), state_shardings(frozen, mesh),
                       state_shardings(reference, mesh), batch_sharding(mesh, 1)),
         out_shardings=batch_sharding(mesh, 2),
