@@ -132,15 +132,18 @@ def unreadable_step_error(root, step: int, err: BaseException, intact: int | Non
     return CheckpointError(f"{head}; there is no earlier step")
 
 
-_QUIET = {"installed": False, "absl": False}
+_QUIET = {"reads": False, "writes": False}  # which noise filters this process installed
 
 
 class _QuietWriteFailures(logging.Filter):
     """orbax logs every failed background write of a save (absl ERROR + traceback, one per
     thread: hundreds of lines) before the main thread re-raises it; a write that failed for
-    lack of space or permission is then said once, by `_WriteErrors`. Other records pass."""
+    lack of space or permission is then said once, by `_WriteErrors`. Other records (and
+    every warning) pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
         exc = record.exc_info[1] if record.exc_info else None
         return not (write_errno(Exception(record.getMessage())) or
                     (exc is not None and write_errno(exc)))
@@ -149,10 +152,10 @@ class _QuietWriteFailures(logging.Filter):
 def quiet_failed_write_noise() -> None:
     """Installs `_QuietWriteFailures` on orbax's (absl's) logger and on asyncio's (whose
     "exception was never retrieved" reports the same failed writes at exit), once."""
-    if not _QUIET["absl"]:
+    if not _QUIET["writes"]:
         for name in ("absl", "asyncio"):
             logging.getLogger(name).addFilter(_QuietWriteFailures())
-        _QUIET["absl"] = True
+        _QUIET["writes"] = True
 
 
 def quiet_failed_read_noise() -> None:
@@ -161,7 +164,7 @@ def quiet_failed_read_noise() -> None:
     callbacks then raise "Event loop is closed" -- dozens of unraisable tracebacks after the
     one error that matters -- and orbax's abandoned read coroutines report their own
     failure too. Only those two are dropped; every other unraisable reaches the old hook."""
-    if _QUIET["installed"]:
+    if _QUIET["reads"]:
         return
     previous = sys.unraisablehook
 
@@ -174,7 +177,7 @@ def quiet_failed_read_noise() -> None:
         previous(unraisable)
 
     sys.unraisablehook = hook
-    _QUIET["installed"] = True
+    _QUIET["reads"] = True
 
 
 def restore_target(abstract_state: Any, shardings: Any) -> Any:

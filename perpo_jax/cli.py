@@ -43,6 +43,7 @@ import os
 import sys
 
 from perpo_jax.cli_paths import (
+    INSIDE_NEW_ONLY,
     Guarded,
     OutDirError,
     absolute,
@@ -228,20 +229,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_pope(args) -> int:
-    from perpo_jax.data.pope import POPE_SPLITS, run_pope
+    from perpo_jax.data.pope import run_pope
     from perpo_jax.metrics import write_report
 
     cfg = _load(args)
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint)
-    if args.out:  # a report beside the question files is fine; over one of them is not
-        questions = [Guarded("POPE question file", os.path.join(args.pope_dir,
-                                                                 f"coco_pope_{s}.json"))
-                     for s in POPE_SPLITS]
-        check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint, **{
-            "image dir (--image-dir)": args.image_dir}) + questions + [
-            Guarded("POPE question dir (--pope-dir)", args.pope_dir, inside=False)],
-            args.overwrite, kind="file")
+    if args.out:  # a new report beside the question files or images is fine, over one is not
+        inputs = [Guarded("POPE question dir (--pope-dir)", args.pope_dir, INSIDE_NEW_ONLY),
+                  Guarded("image dir (--image-dir)", args.image_dir, INSIDE_NEW_ONLY)]
+        check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint) + inputs,
+                      args.overwrite, kind="file")
     _fit_mesh(cfg, args)
     report = run_pope(cfg, args.checkpoint, args.pope_dir, args.image_dir, limit=args.limit,
                       parser=args.parser)

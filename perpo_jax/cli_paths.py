@@ -46,13 +46,18 @@ class OutDirError(ValueError):
     """An `--out` that would overwrite something without --overwrite, or destroy an input."""
 
 
+# What a `Guarded` path allows inside it (being or containing it is refused either way)
+INSIDE_REFUSED = "refused"  # nothing (the data, a checkpoint, the base model)
+INSIDE_ALLOWED = "allowed"  # anything (a fresh subdir of a run dir)
+INSIDE_NEW_ONLY = "new only"  # a path that does not exist yet (a report beside POPE files)
+
+
 class Guarded(NamedTuple):
-    """A path an `--out` must not touch. inside=False: an `--out` inside it is allowed (a
-    fresh subdir of a run dir); being or containing it is refused either way."""
+    """A path an `--out` must not touch; `inside` says what an `--out` inside it may be."""
 
     what: str
     path: str | None
-    inside: bool = True
+    inside: str = INSIDE_REFUSED
 
 
 def absolute(path: str) -> str:
@@ -89,13 +94,15 @@ def _real_path(path: str) -> str:
     return path.rstrip("/") if storage.is_url(path) else os.path.realpath(path)
 
 
-def _relation(out: str, guarded: str, inside: bool) -> str | None:
-    """How real path `out` touches real path `guarded`: "is", "contains", "lies inside"."""
+def _relation(out: str, guarded: str, inside: str = INSIDE_REFUSED) -> str | None:
+    """How real path `out` touches real path `guarded`: "is", "contains", "lies inside"
+    (None: not at all, or inside where `inside` allows it)."""
     if out == guarded:
         return "is"
     if _within(guarded, out):
         return "contains"
-    if inside and _within(out, guarded):
+    if _within(out, guarded) and (inside == INSIDE_REFUSED or (
+            inside == INSIDE_NEW_ONLY and storage.exists(out))):
         return "lies inside"
     return None
 
@@ -139,7 +146,7 @@ def clear_out(out: str, kept: Sequence[str] = ()) -> None:
 def _refuse_home_and_cwd(out: str, real: str) -> None:
     for what, path in (("working directory", os.getcwd()), ("home directory ($HOME)",
                                                            os.path.expanduser("~"))):
-        relation = _relation(real, os.path.realpath(path), inside=False)
+        relation = _relation(real, os.path.realpath(path), INSIDE_ALLOWED)
         if relation is not None:
             raise OutDirError(f"--out {out} {relation} the {what} {path}: choose a new "
                               "directory for the output (refused even with --overwrite)")
@@ -197,7 +204,7 @@ def run_paths(cfg: Config) -> list[Guarded]:
     """The config's run: its dir (a fresh subdir inside is fine), checkpoints and files."""
     run = cfg.train.out_dir
     checkpoints = cfg.checkpoint.dir or (None if run is None else os.path.join(run, "checkpoints"))
-    guarded = [Guarded("run dir (train.out_dir)", run, inside=False),
+    guarded = [Guarded("run dir (train.out_dir)", run, INSIDE_ALLOWED),
                Guarded("checkpoint dir (checkpoint.dir)", checkpoints)]
     if run is not None:
         guarded += [Guarded(f"run's {item} (train.out_dir)", os.path.join(run, item))

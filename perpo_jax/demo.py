@@ -28,7 +28,7 @@ from flax import nnx
 from matplotlib.figure import Figure
 
 from perpo_jax import demo_base, demo_report
-from perpo_jax.cli_paths import check_out_dir, clear_out, input_paths, resolve_paths
+from perpo_jax.cli_paths import Guarded, check_out_dir, clear_out, input_paths, resolve_paths
 from perpo_jax.config import Config, ConfigError, load_config
 from perpo_jax.data import prepare
 from perpo_jax.demo_args import parse_args  # noqa: F401  (the demo's CLI: demo.parse_args)
@@ -178,8 +178,7 @@ def _claim_out(cfg: Config, base_path: str | None, *, overwrite: bool) -> None:
         os.path.realpath(out).rstrip(os.sep) + os.sep) else []
     guarded = [g for g in input_paths(paths) if not (kept and g.path == data_dir)]
     if base_path is not None:
-        guarded.append(guarded[0]._replace(what="demo base (demo.base_path)",
-                                           path=os.path.abspath(base_path)))
+        guarded.append(Guarded("demo base (demo.base_path)", os.path.abspath(base_path)))
     check_out_dir(out, guarded, overwrite, kept=kept)
     if overwrite and os.path.isdir(out):
         clear_out(out, kept)

@@ -95,7 +95,7 @@ def pope_examples(questions: Sequence[dict], image_dir: str):
                     cache[name] = np.asarray(im.convert("RGB"))
             except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
                 raise DataFileError(f"POPE question {q['question_id']}: image {path} cannot "
-                                    f"be decoded: {e}") from None
+                                    f"be read (decoding it failed): {e}") from None
         out.append(Example(image=cache[name], question=pope_question(q["text"]),
                            answer=q["label"]))
     return out

@@ -196,7 +196,7 @@ def _image_size(path: str, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]
         except Image.DecompressionBombError as e:
             raise DataFileError(f"image {path} is refused: {e}") from None
         except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "damaged"
-            raise DataFileError(f"image {path} cannot be decoded: {e}") from None
+            raise DataFileError(f"image {path} cannot be read (decoding it failed): {e}") from None
     return sizes[path]
 
 

@@ -428,6 +428,11 @@ def _run_rounds(cfg: Config, trainer: _Trainer, loader: ShardedLoader, ckpt: Che
     try:
         with PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT)) as guard:
             for r in range(position["round"], trainer.plan.rounds):
+                if guard.requested and jax.process_count() == 1:  # came between steps (a
+                    # round that kept no list checks no step): stop here, at the round start
+                    ckpt.maybe_save(int(trainer.state.step), trainer.state, position, force=True)
+                    run.preempted = True
+                    break
                 position = run.round(r, position, guard)
                 if run.preempted:
                     break
