@@ -6,7 +6,8 @@
     python bench/demo_seeds.py --reports A/report.json B/report.json   # aggregate only
 
 Each seed is a separate `perpo-jax demo --out OUT/seedS train.seed=S ...` process (the same
-command a user runs, so its wall time is the user's; its output goes to OUT/seedS/demo.log).
+command a user runs, so its wall time is the user's; its output goes to OUT/seedS.log,
+beside the run dir: the demo refuses an --out that holds anything but its dataset).
 Prints ONE JSON object (not a test).
 """
 from __future__ import annotations
@@ -37,17 +38,18 @@ def seed_command(seed: int, out: Path, overrides: list[str], base: str | None,
     seed then changes the sampling and the data order, not the starting model)."""
     base_override = [] if base is None else [f"demo.base_path={os.path.abspath(base)}"]
     return [sys.executable, "-m", "perpo_jax.cli", "demo", "--task", task,
-            "--out", str(out / f"seed{seed}"), f"train.seed={seed}", *base_override, *overrides]
+            "--out", str(out / f"seed{seed}"), "--overwrite",  # its own dir: a rerun replaces it
+            f"train.seed={seed}", *base_override, *overrides]
 
 
 def run_seed(seed: int, out: Path, overrides: list[str],
              base: str | None = None, task: str = "grounding") -> tuple[Path, float]:
     run_dir = out / f"seed{seed}"
     cmd = seed_command(seed, out, overrides, base, task)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    # The demo's own prints go to a log beside its report so stdout stays one JSON object.
-    with open(run_dir / "demo.log", "w") as log:
+    # The demo's own prints go to a log beside its run dir so stdout stays one JSON object.
+    with open(out / f"seed{seed}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     return run_dir / "report.json", time.perf_counter() - start
 

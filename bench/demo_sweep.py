@@ -10,9 +10,9 @@ of minutes): β, γ (PerPO's reward-gap weighting), lr, K (samples per prompt = 
 temperature, min_margin, rounds, passes over each round's lists, and sampling from the frozen
 reference instead of the policy. Each setting is a separate
 `perpo-jax demo --out OUT/<name> --method M demo.base_path=BASE <its overrides> ...` process
-(its log beside its report). Prints one JSON line per setting ({"setting", "overrides",
-"seconds", per method the headline metric and its gain over the base with the bootstrap
-interval}), then one summary JSON line (the best setting per method, and the machine).
+(its log OUT/<name>.log beside its run dir). Prints one JSON line per setting ({"setting",
+"overrides", "seconds", per method the headline metric and its gain over the base with the
+bootstrap interval}), then one summary JSON line (the best setting per method, and the machine).
 """
 from __future__ import annotations
 
@@ -56,14 +56,16 @@ def demo_command(name: str, overrides: list[str], *, base: str, out: Path, metho
                  extra: list[str], task: str = "grounding") -> list[str]:
     """The demo process of one setting (settings' overrides after the user's, so they win)."""
     return [sys.executable, "-m", "perpo_jax.cli", "demo", "--task", task,
-            "--out", str(out / name), "--method", methods, f"demo.base_path={base}", *extra,
+            "--out", str(out / name), "--overwrite", "--method", methods,  # its own dir
+            f"demo.base_path={base}", *extra,
             *overrides]
 
 
 def run_setting(cmd: list[str], run_dir: Path) -> tuple[Path, float]:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(run_dir / "demo.log", "w") as log:  # stdout stays JSON lines
+    # stdout stays JSON lines; the log goes beside the run dir (the demo refuses a non-empty --out)
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     return run_dir / "report.json", time.perf_counter() - start
 

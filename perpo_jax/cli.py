@@ -11,9 +11,12 @@
     perpo-jax demo    [--task grounding|ocr] ...
 
 Every subcommand takes `--config FILE` (omitted: the schema defaults of perpo_jax.config) and
-dotted overrides `section.key=value`. A config error exits with status 2 and one line naming
-the key; other user errors (missing files, bad checkpoints or data) exit 1 with their message.
-Heavy modules (jax, transformers, TFDS) are imported inside the subcommands, so `--help` is fast.
+dotted overrides `section.key=value`, anywhere on the line (before, between or after options).
+A config error exits with status 2 and one line naming the key; other user errors (missing
+files, bad checkpoints or data, a full or read-only disk, a run dir in use) exit 1 with one
+line; Ctrl-C outside training exits 130 with one line (in `train` it saves and stops, as
+SIGTERM does). Heavy modules (jax, transformers, TFDS) are imported inside the subcommands,
+so `--help` is fast -- `demo --help` too (its parser is `perpo_jax.demo_args`).
 
 Paths are resolved once, at this edge (`perpo_jax.cli_paths`): `--checkpoint`, `--out`,
 `--from-hf` and the config's path keys are made absolute against the working directory before
@@ -21,11 +24,16 @@ anything runs, so a relative path means the same to orbax and TFDS, and in the c
 with a run. A gs:// URL (`train.out_dir`, `checkpoint.dir`, `--checkpoint`,
 `export`/`convert --out`) is kept as written and checked in its bucket (`perpo_jax.storage`).
 
-`export` / `convert` replace their `--out` directory. A non-empty `--out` is refused unless
-`--overwrite` is given; an `--out` that is, contains or lies inside the checkpoint, the run dir
-(train.out_dir), the checkpoint dir, the data (data.data_dir, data.path, data.image_dir) or the
-base model (model.hf_path, `--from-hf`) is refused even then. `--checkpoint` is checked first
-of all: a missing or non-checkpoint directory is a one-line error before any work starts.
+Every `--out` (export, convert, eval, sample, pope, demo) goes through ONE guard
+(`cli_paths.check_out_dir`, docs/safety.md): an existing non-empty `--out` is refused unless
+`--overwrite` (then it is replaced as a whole); an `--out` that is or contains the working dir
+or $HOME, that is, contains or lies inside the checkpoint, the checkpoint dir, the run's files,
+the data (data.data_dir, data.path, data.image_dir, data.tokenizer) or the base model
+(model.hf_path, `--from-hf`), or that is or contains the run dir (train.out_dir), is refused
+even then; and `--out` must be writable, checked before the work. `--checkpoint` is checked
+first of all: a missing or non-checkpoint directory is a one-line error before any work starts.
+A checkpoint is read with this machine's devices: the config's mesh.shape when it fits them,
+else fsdp over all of them (mesh.shape given on the command line is used as given).
 """
 from __future__ import annotations
 
@@ -35,6 +43,8 @@ import os
 import sys
 
 from perpo_jax.cli_paths import (
+    INSIDE_NEW_ONLY,
+    Guarded,
     OutDirError,
     absolute,
     check_checkpoint,
@@ -45,20 +55,22 @@ from perpo_jax.cli_paths import (
 )
 from perpo_jax.config import Config, ConfigError, config_from_dict, load_config
 from perpo_jax.host_memory import keep_host_memory
+from perpo_jax.write_checks import WRITE_ERRNOS, OutputWriteError
 
 # Exceptions a user causes (their message names the thing), by defining module: only those of
 # modules already imported can have been raised, so matching imports nothing heavy.
 _USER_ERRORS = (("perpo_jax.hf.errors", "CheckpointError"),
                 ("perpo_jax.data.refcoco_style", "DataFileError"),
                 ("perpo_jax.data.batching", "PromptTooLongError"),
-                ("perpo_jax.models.from_config", "ModelProcessorMismatch"))
+                ("perpo_jax.models.from_config", "ModelProcessorMismatch"),
+                ("perpo_jax.train.run_lock", "RunDirInUse"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions printed as one line, without a traceback."""
     loaded = tuple(getattr(sys.modules[module], name) for module, name in _USER_ERRORS
                    if module in sys.modules)
-    return (FileNotFoundError, OutDirError) + loaded
+    return (FileNotFoundError, OutDirError, OutputWriteError) + loaded
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -74,6 +86,32 @@ def _setup(cfg, *, progress: bool = True):
     from perpo_jax.data.prepare import prepare_data
 
     return build_mesh(cfg), prepare_data(cfg, progress=progress)
+
+
+def _given_on_command_line(args, key: str) -> bool:
+    """True when an override sets `key` (or its whole section)."""
+    section = key.split(".")[0]
+    return any(o.split("=", 1)[0].strip() in (key, section) for o in args.overrides)
+
+
+def _fit_mesh(cfg: Config, args) -> None:
+    """Commands that read a model (eval, sample, pope, export, convert) run on this machine's
+    devices: the config's mesh.shape (maybe the training mesh, saved with the checkpoint)
+    when it fits them, else fsdp over all of them, said on stderr. A mesh.shape given on the
+    command line is used as given (a one-line error when it does not fit)."""
+    from perpo_jax.mesh import make_mesh
+
+    if _given_on_command_line(args, "mesh.shape"):
+        return
+    try:
+        make_mesh(cfg.mesh.shape)
+    except ValueError as e:
+        import jax
+
+        print(f"perpo-jax {args.command}: {e}: reading with mesh.shape=[1, -1, 1] (fsdp over "
+              f"this machine's {jax.device_count()} devices; set mesh.shape=... to choose)",
+              file=sys.stderr)
+        cfg.mesh.shape = [1, -1, 1]
 
 
 def _model(cfg, mesh, data, checkpoint: str | None):
@@ -125,6 +163,7 @@ def cmd_sample(args) -> int:
     import jax
     import numpy as np
 
+    from perpo_jax.atomic import atomic_file
     from perpo_jax.data.prepare import prompt_batch_for, record_example
     from perpo_jax.evaluate import prompt_length, prompt_limit, split_source
     from perpo_jax.rewards import get_reward
@@ -133,6 +172,10 @@ def cmd_sample(args) -> int:
     cfg = _load(args)
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint)
+    if args.out:
+        check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint),
+                      args.overwrite, kind="file")
+    _fit_mesh(cfg, args)
     mesh, data = _setup(cfg)
     source = split_source(data, _split(args, data, cfg), cfg.data.source)
     examples = [record_example(source[i]) for i in range(min(args.num_prompts, len(source)))]
@@ -155,8 +198,9 @@ def cmd_sample(args) -> int:
                                  "rewards": [float(r) for r in np.asarray(rewards)]}))
     text = "\n".join(lines) + "\n"
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        with atomic_file(args.out) as tmp:
+            with open(tmp, "w") as f:
+                f.write(text)
         print(f"wrote {len(lines)} prompts x {s.num_samples} samples to {args.out}")
     else:
         sys.stdout.write(text)
@@ -164,17 +208,22 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from perpo_jax.atomic import atomic_dir
     from perpo_jax.evaluate import evaluate, split_source, write_eval_outputs
 
     cfg = _load(args)
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint)
+    check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint), args.overwrite)
+    _fit_mesh(cfg, args)
     mesh, data = _setup(cfg)
     split = _split(args, data, cfg)
     split_source(data, split, cfg.data.source)  # a missing split fails before the model is built
     model = _model(cfg, mesh, data, args.checkpoint)
     result = evaluate(model, data, cfg, split=split, mesh=mesh)
-    paths = write_eval_outputs(result, args.out)
+    with atomic_dir(args.out) as tmp:  # the whole dir or nothing; an old one is replaced
+        written = write_eval_outputs(result, tmp)
+    paths = {k: os.path.join(args.out, os.path.relpath(v, tmp)) for k, v in written.items()}
     print(json.dumps({"metrics": result.metrics, **paths}, indent=2, default=str))
     return 0
 
@@ -186,6 +235,12 @@ def cmd_pope(args) -> int:
     cfg = _load(args)
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint)
+    if args.out:  # a new report beside the question files or images is fine, over one is not
+        inputs = [Guarded("POPE question dir (--pope-dir)", args.pope_dir, INSIDE_NEW_ONLY),
+                  Guarded("image dir (--image-dir)", args.image_dir, INSIDE_NEW_ONLY)]
+        check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint) + inputs,
+                      args.overwrite, kind="file")
+    _fit_mesh(cfg, args)
     report = run_pope(cfg, args.checkpoint, args.pope_dir, args.image_dir, limit=args.limit,
                       parser=args.parser)
     if args.out:
@@ -208,7 +263,7 @@ def _saved_config(checkpoint: str) -> dict:
     if name.isdigit() and storage.isdir(os.path.join(checkpoint, STATE_ITEM)):
         root, step = os.path.dirname(checkpoint), int(name)
     try:
-        with Checkpointer(root, save_every=1, async_save=False) as ckpt:
+        with Checkpointer(root, save_every=1, async_save=False, read_only=True) as ckpt:
             meta = ckpt.read_metadata(step) if ckpt.latest_step() is not None else {}
     except (FileNotFoundError, ValueError):
         meta = {}
@@ -242,6 +297,7 @@ def _to_hf(args, *, merge: bool) -> int:
     check_checkpoint(args.checkpoint)
     cfg = _run_config(args, args.checkpoint)
     check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint), args.overwrite)
+    _fit_mesh(cfg, args)
     mesh = build_mesh(cfg)
     if is_params_checkpoint(args.checkpoint):
         model, source_dir = model_from_checkpoint(cfg, args.checkpoint, mesh, None), args.checkpoint
@@ -266,6 +322,7 @@ def _from_hf(args) -> int:
     cfg = _load(args)
     check_out_dir(args.out, protected_paths(cfg, **{"source model (--from-hf)": args.from_hf}),
                   args.overwrite)
+    _fit_mesh(cfg, args)
     model = load_pretrained(args.from_hf, dtype=as_jnp_dtype(cfg.model.dtype), mesh=build_mesh(cfg))
     out = save_params_checkpoint(model, args.out, source_dir=args.from_hf)
     print(f"wrote orbax params checkpoint {out}")
@@ -295,8 +352,19 @@ def cmd_train(args) -> int:
     from perpo_jax.train.loop import train
 
     result = train(cfg)
+    if result.preempted:
+        print(f"trained {result.steps} steps -> {result.out_dir} (stopped early, checkpoint "
+              f"saved; rerun the same command to resume from step {result.steps})")
+        return 0
+    applied = result.steps - result.skipped
+    why = "; ".join(f"{n} {reason}" for reason, n in result.skip_reasons.items()) or \
+        f"{result.skipped} were skipped"
+    if applied == 0 and result.steps:
+        print(f"perpo-jax train: error: 0 of {result.steps} updates applied: {why}; nothing "
+              f"was learned in {result.out_dir}", file=sys.stderr)
+        return 1
     print(f"trained {result.steps} steps -> {result.out_dir}"
-          + (" (stopped early, checkpoint saved)" if result.preempted else ""))
+          + (f" ({applied} of {result.steps} updates applied; {why})" if result.skipped else ""))
     return 0
 
 
@@ -321,6 +389,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from perpo_jax import demo_args
+
+    demo_args.parse_args(args.demo_args)  # --help and usage errors before the heavy import
+    # a lazy import, the one kind allowed: perpo_jax.demo pulls in jax / flax / TFDS (~10 s)
     from perpo_jax import demo
 
     result = demo.main(list(args.demo_args))
@@ -334,8 +406,11 @@ _SPLIT_HELP = ("which split's prompts: val | train (default: val, or train where
                "no val split: data.source=official_json lists are train-only)")
 _CHECKPOINT_HELP = ("training checkpoint (the run's checkpoints/ dir or one step dir in it) or a "
                     "converted params checkpoint; default: the model the config builds")
-_OVERWRITE_HELP = ("replace a non-empty --out (an --out that is, contains or lies inside the "
-                   "checkpoint, run, data or base-model dirs is refused even so)")
+_OVERWRITE_HELP = ("replace a non-empty --out as a whole (an --out that is or contains the "
+                   "working dir, $HOME or the run dir, or that is, contains or lies inside the "
+                   "checkpoint, data or base model, is refused even so; docs/safety.md)")
+_OVERWRITE_FILE_HELP = ("replace an existing --out file (never the data, a checkpoint's or a "
+                        "run's own files; docs/safety.md)")
 
 _TRAIN_DESCRIPTION = """\
 Trains a policy with the loss of loss.name (perpo | dpo | lipo | lipo_lambda | sft).
@@ -385,6 +460,7 @@ def _add_sample(sub) -> None:
                    help="how many prompts: the first N of the split (default: 4)")
     p.add_argument("--split", choices=("val", "train"), default=None, help=_SPLIT_HELP)
     p.add_argument("--out", metavar="FILE", help="JSONL file to write (default: stdout)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE_HELP)
     p.set_defaults(func=cmd_sample)
 
 
@@ -397,7 +473,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--checkpoint", metavar="DIR", help=_CHECKPOINT_HELP)
     p.add_argument("--split", choices=("val", "train"), default=None, help=_SPLIT_HELP)
     p.add_argument("--out", metavar="DIR", required=True,
-                   help="directory for report.json and boxes.png (created; other files stay)")
+                   help="directory for report.json and boxes.png (written whole; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.set_defaults(func=cmd_eval)
 
 
@@ -418,6 +495,7 @@ def _add_pope(sub) -> None:
                    "lmms-eval's (the answer must be exactly yes or no)")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="report JSON (metrics and every answer)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE_HELP)
     p.set_defaults(func=cmd_pope)
 
 
@@ -509,14 +587,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status (also raised as SystemExit by argparse)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line; dotted overrides may come anywhere after the command (argparse
+    alone takes only the first run of them: `eval --config C a=1 --out D b=2`)."""
     if argv[:1] == ["demo"]:
         # everything after `demo` belongs to the demo's own parser (argparse would reject --task)
-        args = argparse.Namespace(command="demo", func=cmd_demo, demo_args=argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
+        return argparse.Namespace(command="demo", func=cmd_demo, demo_args=argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    flags = [a for a in extra if a.startswith("-")]
+    if flags or not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    args.overrides = list(args.overrides) + extra  # parse_override names a malformed one
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status (also raised as SystemExit by argparse)."""
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         resolve_args(args)
         return args.func(args)
@@ -526,6 +614,15 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"perpo-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full, read-only or forbidden disk, whoever was writing
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"perpo-jax {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"perpo-jax {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 def entry() -> int:

@@ -386,15 +386,48 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 
 def _validate_loss(loss: LossConfig) -> None:
-    if loss.beta <= 0:  # every loss divides by or scales with it (ipo: 1 / (2 tau))
-        raise ConfigError(f"loss.beta: must be > 0, got {loss.beta}")
-    if not 0.0 <= loss.label_smoothing < 0.5:  # at 0.5 cDPO's gradient no longer prefers y_w
-        raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5), got {loss.label_smoothing}")
+    """The loss-specific keys (beta, gamma, label smoothing are in `_check_ranges`)."""
     if loss.simpo_gamma_beta_ratio < 0:
         raise ConfigError(f"loss.simpo_gamma_beta_ratio: must be >= 0, got "
                           f"{loss.simpo_gamma_beta_ratio}")
     if loss.orpo_lambda < 0:
         raise ConfigError(f"loss.orpo_lambda: must be >= 0, got {loss.orpo_lambda}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Values that would run and mislead (a negative beta reverses the preference) or fail
+    deep inside a step with a traceback: one ConfigError naming the key and the rule."""
+    ranges = (
+        ("sampling.num_samples", cfg.sampling.num_samples, cfg.sampling.num_samples >= 2,
+         ">= 2 (a list ranks at least two candidates)"),
+        ("train.num_candidates", cfg.train.num_candidates, cfg.train.num_candidates >= 2,
+         ">= 2 (a list ranks at least two candidates)"),
+        ("sampling.prompts_per_round", cfg.sampling.prompts_per_round,
+         cfg.sampling.prompts_per_round >= 1, ">= 1"),
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens, cfg.eval.max_new_tokens >= 1, ">= 1"),
+        ("eval.num_examples", cfg.eval.num_examples, cfg.eval.num_examples >= 1, ">= 1"),
+        ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1, ">= 1"),
+        ("eval.num_images", cfg.eval.num_images, cfg.eval.num_images >= 0, ">= 0"),
+        ("loss.beta", cfg.loss.beta, cfg.loss.beta > 0,
+         "> 0 (beta <= 0 removes or reverses the preference)"),
+        ("loss.gamma", cfg.loss.gamma, cfg.loss.gamma >= 0, ">= 0 (0 = uniform pair weights)"),
+        ("loss.label_smoothing", cfg.loss.label_smoothing, 0 <= cfg.loss.label_smoothing < 0.5,
+         "in [0, 0.5)"),
+        ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip > 0,
+         "> 0 (the global-norm clip; set a large value for effectively none)"),
+        ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, ">= 0"),
+        ("optim.b1", cfg.optim.b1, 0 <= cfg.optim.b1 < 1, "in [0, 1)"),
+        ("optim.b2", cfg.optim.b2, 0 <= cfg.optim.b2 < 1, "in [0, 1)"),
+        ("optim.eps", cfg.optim.eps, cfg.optim.eps > 0, "> 0"),
+        ("data.min_margin", cfg.data.min_margin, cfg.data.min_margin >= 0,
+         ">= 0 (the least best - worst reward gap of a kept list)"),
+        ("data.num_train", cfg.data.num_train, cfg.data.num_train >= 1, ">= 1"),
+        ("data.num_val", cfg.data.num_val, cfg.data.num_val >= 0, ">= 0"),
+        ("data.image_size", cfg.data.image_size, cfg.data.image_size >= 1, ">= 1"),
+    )
+    for key, value, ok, rule in ranges:
+        if not ok or value != value:  # value != value: NaN passes no rule
+            raise ConfigError(f"{key}: must be {rule}, got {value}")
 
 
 def validate(cfg: Config) -> Config:
@@ -420,6 +453,7 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    _check_ranges(cfg)
     for key in ("rounds", "steps"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(cfg.train, key)}")

@@ -16,10 +16,9 @@ look?), and each gain over the base gets a paired bootstrap 95 % interval. Write
 
 from __future__ import annotations
 
-import argparse
+import copy
 import dataclasses
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -29,8 +28,10 @@ from flax import nnx
 from matplotlib.figure import Figure
 
 from perpo_jax import demo_base, demo_report
-from perpo_jax.config import DEMO_METHODS, Config, ConfigError, load_config
+from perpo_jax.cli_paths import Guarded, check_out_dir, clear_out, input_paths, resolve_paths
+from perpo_jax.config import Config, ConfigError, load_config
 from perpo_jax.data import prepare
+from perpo_jax.demo_args import parse_args  # noqa: F401  (the demo's CLI: demo.parse_args)
 from perpo_jax.evaluate import evaluate
 from perpo_jax.hf import save_pretrained
 from perpo_jax.metrics import draw_boxes_png, predicted_boxes, write_report
@@ -41,44 +42,15 @@ from perpo_jax.train.loop import train
 DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="perpo-jax demo", description=__doc__.split("\n")[0])
-    p.add_argument("--task", choices=("grounding", "ocr"), default="grounding")
-    p.add_argument("--config", default=None, help="default: configs/demo_shapes.yaml (or "
-                   "demo_ocr.yaml); with --train-base: configs/demo_base.yaml")
-    p.add_argument("--out", default=None, help="output folder (default: train.out_dir); with "
-                   "--train-base: the base dir to write (required)")
-    p.add_argument("--train-base", action="store_true",
-                   help="only run the SFT warm-up and save it as an HF base dir (--out) with "
-                        "base_card.json; align from it with demo.base_path=DIR")
-    p.add_argument("--overwrite", action="store_true",
-                   help="--train-base: replace a non-empty --out")
-    p.add_argument("--method", default=None, type=_methods, metavar="M[,M...]",
-                   help="comma-separated methods to train from the SFT model (default: "
-                        "demo.methods); m3po = DPO on M3P-Score pairs, rm_dpo / vanilla_dpo its "
-                        "pair baselines, m3po_alpha0 / m3po_alpha1 the alpha ablation; any of "
-                        f"{', '.join(DEMO_METHODS)}")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_args(argv)
-
-
-def _methods(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in DEMO_METHODS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"{bad or text!r}: methods are {', '.join(DEMO_METHODS)}")
-    return names
-
-
 def demo_config(args) -> Config:
     if args.train_base:
         name = "demo_base.yaml" if args.task == "grounding" else "demo_ocr_base.yaml"
     else:
         name = "demo_shapes.yaml" if args.task == "grounding" else "demo_ocr.yaml"
-    path = args.config or DEMO_CONFIGS / name
+    path = os.path.expanduser(args.config) if args.config else DEMO_CONFIGS / name
     overrides = list(args.overrides)
     if args.out and not args.train_base:  # --train-base: --out is the base dir, not the run's
-        overrides.append(f"train.out_dir={args.out}")
+        overrides.append(f"train.out_dir={os.path.expanduser(args.out)}")
     if args.method:
         overrides.append(f"demo.methods=[{', '.join(args.method)}]")
     return load_config(path, overrides)
@@ -148,13 +120,11 @@ def main(argv=None) -> dict:
     if base_path is not None:  # loaded exactly as a user's model.hf_path, processor included
         cfg = _with(cfg, model={"hf_path": base_path})
     out = cfg.train.out_dir
+    _claim_out(cfg, base_path, overwrite=args.overwrite)
     os.makedirs(out, exist_ok=True)
     methods = list(cfg.demo.methods)
 
     t_start = time.perf_counter()
-    for run_dir in ["sft_warmup", *methods, "perpo_hf"]:
-        # The demo owns these folders and always starts fresh (the dataset is reused).
-        shutil.rmtree(os.path.join(out, run_dir), ignore_errors=True)
     mesh = from_config.build_mesh(cfg)
     data = prepare.prepare_data(cfg)
     print(f"[demo] data: {len(data.train)} train / {len(data.val)} val in {data.data_dir}; "
@@ -194,6 +164,24 @@ def main(argv=None) -> dict:
     _write_outputs(report, results, trained, start_model, data, cfg, mesh, out)
     _print_table(results)
     return report
+
+
+def _claim_out(cfg: Config, base_path: str | None, *, overwrite: bool) -> None:
+    """Before any work: the demo's --out (train.out_dir) must be empty but for the dataset
+    (data.data_dir, when inside it: a cache keyed on its content, reused), or --overwrite
+    given -- then it is cleared, so no file of an earlier run (another --task, other
+    methods) stays beside this run's. The --out guard of every command applies too (never
+    the working dir, $HOME, the data or the base)."""
+    paths = resolve_paths(copy.deepcopy(cfg))
+    out, data_dir = paths.train.out_dir, paths.data.data_dir
+    kept = [data_dir] if data_dir and os.path.realpath(data_dir).startswith(
+        os.path.realpath(out).rstrip(os.sep) + os.sep) else []
+    guarded = [g for g in input_paths(paths) if not (kept and g.path == data_dir)]
+    if base_path is not None:
+        guarded.append(Guarded("demo base (demo.base_path)", os.path.abspath(base_path)))
+    check_out_dir(out, guarded, overwrite, kept=kept)
+    if overwrite and os.path.isdir(out):
+        clear_out(out, kept)
 
 
 def _card_summary(base_path: str | None) -> dict | None:
@@ -282,10 +270,14 @@ def _headline(task: str) -> str:
     return "acc@0.5" if task == "grounding" else "ned"
 
 
+# How the plots name a results entry ("sft_warmup" is the base, shipped or trained here)
+PLOT_LABELS = {"sft_warmup": "base"}
+
+
 def _bar_chart(results: dict, path: str, task: str) -> None:
     key = _headline(task)
-    names = list(results)
-    values = [results[n]["metrics"].get(key, float("nan")) for n in names]
+    values = [results[n]["metrics"].get(key, float("nan")) for n in results]
+    names = [PLOT_LABELS.get(n, n) for n in results]
     fig = Figure(figsize=(1.3 * len(names) + 2, 3.2))
     ax = fig.subplots()
     ax.bar(names, values, color=["#999999"] + ["#4477aa"] * (len(names) - 1))

@@ -9,6 +9,10 @@ Two layouts are read:
 
 Both may be gs:// URLs: orbax reads them there; a converted checkpoint on gs:// is read only
 when committed (`storage.COMMIT_MARKER`, written last by `save_params_checkpoint`).
+
+Reading never writes: the checkpoint dir is opened read-only (no tmp-dir cleanup, nothing
+created), so an eval or export beside a running training cannot remove its save in flight.
+A step whose files are damaged is one line naming it and the newest earlier step that reads.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from flax import nnx
 
 from perpo_jax import storage
 from perpo_jax.atomic import atomic_dir, is_url
-from perpo_jax.checkpoint import STATE_ITEM, Checkpointer, restore_target
+from perpo_jax.checkpoint import (STATE_ITEM, Checkpointer, is_storage_error,
+                                  quiet_failed_read_noise, restore_target, short_reason,
+                                  unreadable_step_error)
 from perpo_jax.config import Config
 from perpo_jax.hf import CheckpointError, read_config
 from perpo_jax.hf.config_map import config_to_hf
@@ -54,7 +60,7 @@ def _train_state_dir(path: str) -> str:
         return os.path.join(path, STATE_ITEM)
     if not storage.isdir(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with Checkpointer(path, save_every=1, async_save=False) as ckpt:
+    with Checkpointer(path, save_every=1, async_save=False, read_only=True) as ckpt:
         step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"checkpoint {path} holds no finalised step and is not a "
@@ -62,18 +68,66 @@ def _train_state_dir(path: str) -> str:
     return os.path.join(path, str(step), STATE_ITEM)
 
 
-def _restore_params(item_dir: str, abstract_params, mesh):
-    """Restores the `params` entry of an orbax pytree item onto `abstract_params`' shapes and
-    dtypes, sharded over `mesh` (the other entries, e.g. optimizer moments, are not read)."""
+_READ_ERRORS = (ValueError, KeyError, TypeError, OSError)
+
+
+def _read_params(item_dir: str, abstract_params, mesh):
+    """The `params` entry of an orbax pytree item, restored onto `abstract_params`' shapes and
+    dtypes, sharded over `mesh` (the other entries, e.g. optimizer moments, are not read);
+    raises orbax's own error."""
     target = {"params": restore_target(abstract_params, state_shardings(abstract_params, mesh))}
     args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    quiet_failed_read_noise()
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(item_dir, args=args)["params"]
+
+
+def _mismatch(item_dir: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"params in {item_dir} do not match the model built from the "
+                           f"config (model.tiny / model.hf_path / lora settings?): "
+                           f"{short_reason(err)}")
+
+
+def _restore_params(item_dir: str, abstract_params, mesh):
+    """`_read_params` with its failure as one line: damaged files or another model."""
     try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            return checkpointer.restore(item_dir, args=args)["params"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"params in {item_dir} do not match the model built from the "
-                              f"config (model.tiny / model.hf_path / lora settings?): {e}") from e
+        return _read_params(item_dir, abstract_params, mesh)
+    except _READ_ERRORS as err:
+        if is_storage_error(err):
+            raise CheckpointError(f"checkpoint {os.path.dirname(item_dir)} is unreadable "
+                                  f"({short_reason(err)})") from None
+        raise _mismatch(item_dir, err) from None
+
+
+def _restore_trained(path: str, abstract_params, mesh):
+    """The trainable params of a training checkpoint (root: its latest step). A step that
+    does not read is one line: damaged (an earlier step of the same dir reads onto the same
+    model, or the error names missing / damaged files) with the newest intact step, or a
+    different model."""
+    item_dir = _train_state_dir(path)
+    step_dir = os.path.dirname(item_dir)
+    root, name = os.path.dirname(step_dir), os.path.basename(step_dir)
+    try:
+        return _read_params(item_dir, abstract_params, mesh)
+    except _READ_ERRORS as err:
+        if not name.isdigit():
+            raise _mismatch(item_dir, err) from None
+        earlier = sorted((int(n) for n in storage.listdir(root) if n.isdigit() and
+                          int(n) < int(name) and storage.isdir(os.path.join(root, n, STATE_ITEM))),
+                         reverse=True)
+        intact = None
+        for step in earlier:
+            try:
+                _read_params(os.path.join(root, str(step), STATE_ITEM), abstract_params, mesh)
+            except _READ_ERRORS:
+                continue
+            intact = step
+            break
+        if intact is not None or is_storage_error(err):
+            raise unreadable_step_error(root, int(name), err, intact, earlier,
+                                        action="read") from None
+        raise _mismatch(item_dir, err) from None
 
 
 def _default_mesh(mesh):
@@ -96,7 +150,7 @@ def model_from_checkpoint(cfg: Config, path: str, mesh, processor, *, merge_lora
         if cfg.lora.enabled:
             place_on_mesh(apply_lora(model, cfg.lora, nnx.Rngs(cfg.train.seed)), mesh)
         trainable = nnx.state(model, trainable_filter(cfg.lora))
-        nnx.update(model, _restore_params(_train_state_dir(path), trainable, mesh))
+        nnx.update(model, _restore_trained(path, trainable, mesh))
         if merge_lora and cfg.lora.enabled:
             merge_adapters(model)
     if processor is not None:

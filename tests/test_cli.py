@@ -191,8 +191,8 @@ def fake_run(tmp_path, monkeypatch):
      "is the checkpoint"),
     (["export", "--checkpoint", "run/checkpoints", "--out", "run/checkpoints/hf"],
      "lies inside the checkpoint"),
-    (["export", "--checkpoint", "run/checkpoints/5", "--out", "run/hf"],
-     "lies inside the run dir (train.out_dir)"),
+    (["export", "--checkpoint", "run/checkpoints/5", "--out", "run/tb"],
+     "is the run's tb (train.out_dir)"),  # a fresh dir inside the run is fine (test_hostile)
     (["export", "--checkpoint", "run/checkpoints", "--out", "data"], "is the data dir"),
     (["export", "--checkpoint", "run/checkpoints", "--out", "base"], "is the base model"),
     (["convert", "--to-hf", "--checkpoint", "run/checkpoints", "--out", "data/hf"],

@@ -87,5 +87,7 @@ def test_draw_boxes_png_pixels(tmp_path):
     assert tuple(cell[32, 32]) == (128, 128, 128)  # inside is untouched
     assert tuple(cell[4, 0]) == ev.METHOD_COLOURS[0] and tuple(cell[7, 20]) == ev.METHOD_COLOURS[0]
     second = img[legend:legend + 64, 68:132]
-    assert not (second == np.array(ev.METHOD_COLOURS[0])).all(-1).any()  # NaN -> not drawn
+    ours = (second == np.array(ev.METHOD_COLOURS[0])).all(-1)
+    # NaN -> no box drawn; the tile says "ours: no box" in a label of its colour at the top
+    assert ours[: ev.LINE_HEIGHT + 3].any() and not ours[ev.LINE_HEIGHT + 3:].any()
     assert tuple(second[32, 0]) == ev.GT_COLOUR

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from perpo_jax.data.refcoco_style import DataFileError
 from perpo_jax.metrics import pope_answer, pope_metrics, pope_summary
 from perpo_jax.rewards import REWARDS, register_reward
 
@@ -46,25 +47,33 @@ if "pope" not in REWARDS:
 
 
 def read_pope_questions(path: str) -> list[dict]:
-    """The questions of one POPE JSONL file; a malformed line is an error naming file:line."""
+    """The questions of one POPE JSONL file; a malformed line (bad JSON, not UTF-8, keys or
+    label missing) is a DataFileError naming file:line."""
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line: {e}") from None
-            missing = [k for k in _KEYS if k not in row] if isinstance(row, dict) else list(_KEYS)
-            if missing:
-                raise ValueError(f"{path}:{n}: POPE question lacks {missing} (needs {list(_KEYS)})")
-            label = str(row["label"]).strip().lower()
-            if label not in ("yes", "no"):
-                raise ValueError(f"{path}:{n}: label {row['label']!r} is not yes / no")
-            out.append({**row, "label": label})
+    with open(path, "rb") as f:
+        data = f.read()
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFileError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                f"column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataFileError(f"{path}:{n}: not a JSON line: {e}") from None
+        missing = [k for k in _KEYS if k not in row] if isinstance(row, dict) else list(_KEYS)
+        if missing:
+            raise DataFileError(f"{path}:{n}: POPE question lacks {missing} (needs "
+                                f"{list(_KEYS)})")
+        label = str(row["label"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise DataFileError(f"{path}:{n}: label {row['label']!r} is not yes / no")
+        out.append({**row, "label": label})
     if not out:
-        raise ValueError(f"{path}: no POPE questions")
+        raise DataFileError(f"{path}: no POPE questions")
     return out
 
 
@@ -81,7 +90,12 @@ def pope_examples(questions: Sequence[dict], image_dir: str):
             path = os.path.join(image_dir, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"POPE question {q['question_id']}: image {path} not found")
-            cache[name] = np.asarray(Image.open(path).convert("RGB"))
+            try:
+                with Image.open(path) as im:
+                    cache[name] = np.asarray(im.convert("RGB"))
+            except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+                raise DataFileError(f"POPE question {q['question_id']}: image {path} cannot "
+                                    f"be read (decoding it failed): {e}") from None
         out.append(Example(image=cache[name], question=pope_question(q["text"]),
                            answer=q["label"]))
     return out

@@ -19,9 +19,11 @@
     builders convert to the configured frame (`rewards.boxes.box_to_frame`) in one place.
     `perpo_jax.data.refer` reads the refer-toolkit layout into the same records.
 
-A malformed entry or a missing image raises `DataFileError` naming the file and line
-number. With `skip_invalid=True` the entry is skipped instead, logged with a warning, and
-returned in the list of `Skipped` records — never silently. A JSON array whose syntax is
+A malformed entry, a line that is not UTF-8, or a missing or undecodable image (truncated,
+corrupt, or larger than PIL's decompression-bomb limit: every image is fully decoded here,
+once, so training never meets it) raises `DataFileError` naming the file and line number.
+With `skip_invalid=True` the entry is skipped instead, logged with a warning, and returned in
+the list of `Skipped` records — never silently. A JSON array whose syntax or encoding is
 broken cannot be resynchronised and always raises.
 """
 from __future__ import annotations
@@ -87,19 +89,31 @@ def _json_entries(path: str) -> Iterator[tuple[int, Any, str | None]]:
     """Yield (line number, parsed object or None, syntax error or None) for each entry.
 
     A file whose first non-blank character is '[' is one JSON array (entries numbered by the
-    line they start on); otherwise JSONL (blank lines ignored).
+    line they start on); otherwise JSONL (blank lines ignored). A JSONL line that is not
+    UTF-8 is one bad entry; in a JSON array it is an error for the whole file.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if not stripped.startswith("["):
-        for number, line in enumerate(text.splitlines(), start=1):
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.lstrip().startswith(b"["):
+        for number, raw in enumerate(data.splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, None, _not_utf8(e.object[e.start], e.start + 1)
+                continue
             if line.strip():
                 try:
                     yield number, json.loads(line), None
                 except json.JSONDecodeError as e:
                     yield number, None, f"invalid JSON: {e.msg} (column {e.colno})"
         return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise DataFileError(f"{path}:{line}: {_not_utf8(data[e.start], column)}; a JSON array "
+                            "cannot be skipped over, fix the file") from None
+    stripped = text.lstrip()
     decoder = json.JSONDecoder()
     pos = len(text) - len(stripped) + 1  # just after '['
 
@@ -127,6 +141,10 @@ def _json_entries(path: str) -> Iterator[tuple[int, Any, str | None]]:
             return
         raise DataFileError(f"{path}:{text.count(chr(10), 0, pos) + 1}: expected ',' or ']' "
                             "in the JSON array")
+
+
+def _not_utf8(byte: int, column: int) -> str:
+    return f"not UTF-8 text (byte 0x{byte:02x} at column {column})"
 
 
 def _read_entries(path: str, parse: Callable[[dict], Any], skip_invalid: bool):
@@ -166,13 +184,19 @@ def _image_file(image_root: str, relative: str) -> str:
 
 
 def _image_size(path: str, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    """(width, height) of an image file, read from its header once (`sizes` caches it)."""
+    """(width, height) of an image file, fully decoded once (`sizes` caches it): a truncated
+    or corrupt file, or one whose header claims more pixels than PIL's decompression-bomb
+    limit (`Image.MAX_IMAGE_PIXELS`), is a DataFileError here rather than a crash in
+    training, where the stored bytes would first be decoded."""
     if path not in sizes:
         try:
-            with Image.open(path) as im:  # reads the header only
+            with Image.open(path) as im:
+                im.load()
                 sizes[path] = im.size
-        except OSError as e:
-            raise DataFileError(f"image {path} cannot be read: {e}") from None
+        except Image.DecompressionBombError as e:
+            raise DataFileError(f"image {path} is refused: {e}") from None
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "damaged"
+            raise DataFileError(f"image {path} cannot be read (decoding it failed): {e}") from None
     return sizes[path]
 
 
@@ -188,6 +212,7 @@ def _split_name(value: str) -> str:
 
 def read_official_lists(path: str, image_root: str, *, skip_invalid: bool = False):
     """Official PerPO lists -> (list[OfficialList], list[Skipped]). See module docstring."""
+    sizes: dict[str, tuple[int, int]] = {}  # each image decoded once
 
     def parse(obj: dict, line: int) -> OfficialList:
         candidates = _field(obj, "answers_gen", list)
@@ -202,9 +227,11 @@ def read_official_lists(path: str, image_root: str, *, skip_invalid: bool = Fals
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
                    for s in scores):
             raise DataFileError("'iou_scores' must hold finite numbers")
+        image = _image_file(image_root, _field(obj, "image_path", str))
+        _image_size(image, sizes)
         return OfficialList(
             image_id=obj.get("image_id"),
-            image_path=_image_file(image_root, _field(obj, "image_path", str)),
+            image_path=image,
             question=_field(obj, "question", str).replace("</s>", ""),
             answer=_field(obj, "answer", str),
             candidates=tuple(candidates), scores=np.asarray(scores, np.float32), line=line)

@@ -24,6 +24,10 @@ updates, and a skipped update or a round that kept no list still advances it.
 Resume is exact: the checkpoint holds the train state and the position (round, step in round,
 loader), and each round's lists are on disk, so a run killed mid-round continues with the same
 lists at the same step.
+
+One process per run dir (`run_lock.RunLock`, taken first: also the writability check);
+SIGTERM and Ctrl-C (SIGINT) stop after the current step with a checkpoint. The result counts
+the updates really applied (`steps - skipped`) and why the others were skipped.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -53,10 +58,12 @@ from perpo_jax.train.hosts import global_max, to_global
 from perpo_jax.train.listset import ListSet
 from perpo_jax.train.loggers import require_loggers
 from perpo_jax.train.optim import make_optimizer
+from perpo_jax.train.run_lock import RunLock
 from perpo_jax.train.run_log import RunLog, plot_curves
 from perpo_jax.train.state import (create_train_state, partition_model, reference_state,
                                    trained_model, with_storage_dtypes)
 from perpo_jax.train.step import build_ref_logps, build_train_step, uses_reference
+from perpo_jax.write_checks import check_writable
 
 
 @dataclasses.dataclass
@@ -66,7 +73,17 @@ class TrainResult:
     rounds: list[dict]  # per-round list statistics
     out_dir: str
     steps: int  # global steps done
-    preempted: bool  # stopped early by SIGTERM / stop_at_step, with a checkpoint
+    preempted: bool  # stopped early by SIGTERM / SIGINT / stop_at_step, with a checkpoint
+    skipped: int = 0  # of `steps`, updates not applied (resumed steps included)
+    skip_reasons: dict = dataclasses.field(default_factory=dict)  # {why: count}, see SKIP_*
+
+
+# Why an update was not applied, worded to follow a count ("4 had no list ...")
+SKIP_NO_GAP = ("had no list with a reward gap (every candidate of each list got the same "
+               "reward)")
+SKIP_NONFINITE = "had a non-finite loss or gradient"
+SKIP_EMPTY_ROUND = "fell in rounds that kept no list (see data.min_margin)"
+SKIP_EARLIER = "were skipped before this resume"
 
 
 # Offline: updates per round. A round's lists are held in host memory and saved for resume,
@@ -344,8 +361,24 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
     attached to it in place when enabled: pass a clone to keep the original); built from
     `cfg` when None. stop_at_step: stop after this global step with a checkpoint, exactly as
     a SIGTERM would (for tests and time-boxed jobs).
+
+    Raises run_lock.RunDirInUse when another live process trains into train.out_dir, and
+    write_checks.OutputWriteError when it (or checkpoint.dir) cannot be written -- both
+    before any work.
     """
     require_loggers(cfg.train.loggers)  # a missing wandb fails now, not after the data is built
+    with RunLock(cfg.train.out_dir, process_index=jax.process_index()) as lock:
+        if lock.stale_pid and jax.process_index() == 0:
+            print(f"[train] {lock.path}: took over the lock of a run that is gone "
+                  f"({lock.stale_pid})", flush=True)
+        if cfg.checkpoint.dir:
+            check_writable(cfg.checkpoint.dir, "checkpoint.dir")
+        return _train_locked(cfg, data=data, model=model, mesh=mesh, progress=progress,
+                             stop_at_step=stop_at_step)
+
+
+def _train_locked(cfg: Config, *, data, model, mesh, progress: bool,
+                  stop_at_step: int | None) -> TrainResult:
     mesh = mesh if mesh is not None else from_config.build_mesh(cfg)
     if data is None:
         # on a pod: process 0 builds, the others reuse its files (shared dir) or build the
@@ -356,6 +389,39 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
     model = model if model is not None else from_config.build_model(cfg, mesh, data.processor)
     trainer = _Trainer(cfg, data, model, mesh, plan)
     ckpt, position = _open_checkpoints(cfg, trainer, loader)
+    try:
+        return _run_rounds(cfg, trainer, loader, ckpt, position, progress, stop_at_step)
+    except BaseException:
+        _close_quietly(ckpt)  # orbax's threads; the error that stopped the run is the news
+        raise
+
+
+def _close_quietly(ckpt: Checkpointer) -> None:
+    try:
+        ckpt.close()
+    except Exception:  # noqa: BLE001  (a failed pending save: the caller's error says why)
+        pass
+
+
+def _skip_reasons(history: list[dict], empty_rounds: int, skipped: int) -> dict[str, int]:
+    """{why: count} of the updates of this run that were not applied (`SKIP_*`)."""
+    reasons: dict[str, int] = {}
+    for row in history:
+        if row.get("applied", 1):
+            continue
+        finite = math.isfinite(row.get("loss", 0.0)) and math.isfinite(row.get("grad_norm", 0.0))
+        why = SKIP_NONFINITE if not finite else SKIP_NO_GAP
+        reasons[why] = reasons.get(why, 0) + 1
+    if empty_rounds:
+        reasons[SKIP_EMPTY_ROUND] = empty_rounds
+    earlier = skipped - sum(reasons.values())
+    if earlier > 0:
+        reasons[SKIP_EARLIER] = earlier
+    return reasons
+
+
+def _run_rounds(cfg: Config, trainer: _Trainer, loader: ShardedLoader, ckpt: Checkpointer,
+                position: dict | None, progress: bool, stop_at_step: int | None) -> TrainResult:
     log = RunLog(cfg.train.out_dir, enabled=jax.process_index() == 0,
                  loggers=cfg.train.loggers, run_config=config_to_dict(cfg))
     if position is None:
@@ -363,11 +429,22 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
     log.truncate_after(int(trainer.state.step))  # rows a killed run wrote after its checkpoint
     run = _Run(cfg, trainer, loader, ckpt, log, stop_at_step,
                _progress(progress, trainer.plan.total_steps, int(trainer.state.step)))
-    with PreemptionGuard() as guard:
-        for r in range(position["round"], trainer.plan.rounds):
-            position = run.round(r, position, guard)
-            if run.preempted:
-                break
+    try:
+        with PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT)) as guard:
+            for r in range(position["round"], trainer.plan.rounds):
+                if guard.requested and jax.process_count() == 1:  # came between steps (a
+                    # round that kept no list checks no step): stop here, at the round start
+                    ckpt.maybe_save(int(trainer.state.step), trainer.state, position, force=True)
+                    run.preempted = True
+                    break
+                position = run.round(r, position, guard)
+                if run.preempted:
+                    break
+    except BaseException:
+        if run.bar is not None:  # erase the bar: the error that stopped the run is the news
+            run.bar.leave = False
+            run.bar.close()
+        raise
     final_step = int(trainer.state.step)
     if not run.preempted and not run.history and run.rounds:
         ckpt.close()  # nothing was trained: no checkpoint that would lock this run's config
@@ -384,8 +461,10 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
         plot_curves(log.records("step"), os.path.join(cfg.train.out_dir, "curves.png"),
                     title=f"{cfg.loss.name} ({cfg.train.mode})")
     log.close()
+    skipped = int(trainer.state.skipped)
     return TrainResult(trainer.model(), run.history, run.rounds, cfg.train.out_dir, final_step,
-                       run.preempted)
+                       run.preempted, skipped,
+                       _skip_reasons(run.history, run.empty_round_updates, skipped))
 
 
 @dataclasses.dataclass
@@ -403,6 +482,7 @@ class _Run:
     rounds: list = dataclasses.field(default_factory=list)
     preempted: bool = False
     dropped: dict = dataclasses.field(default_factory=dict)  # list drop counts over rounds
+    empty_round_updates: int = 0  # updates skipped because their round kept no list
 
     def _report_round(self, r: int, stats: dict) -> None:
         """One line per round: lists kept of prompts, and why the others were dropped."""
@@ -451,6 +531,7 @@ class _Run:
             metrics = trainer.step(lists, r, i)
             if metrics is None:  # no host kept a list: the round's updates are skipped
                 trainer.skip_updates(planned - i)
+                self.empty_round_updates += planned - i
                 if self.bar is not None:
                     self.bar.update(planned - i)
                 break
