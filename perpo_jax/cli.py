@@ -321,12 +321,16 @@ def cmd_plan(args) -> int:
             if "xla_force_host_platform_device_count" not in flags:
                 os.environ["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count="
                                            f"{args.devices}").strip()
-    from perpo_jax.memory_plan import format_plan, memory_plan
+    from perpo_jax.memory_plan import format_plan, memory_plan, program_line
     from perpo_jax.tpu_topology import TopologyError
+
+    def progress(name, entry):  # stderr, as each program is done: a 7B round takes minutes
+        print(f"perpo-jax plan: {program_line(name, entry)}", file=sys.stderr, flush=True)
 
     try:
         plan = memory_plan(cfg, devices=args.devices, hbm_gib=args.hbm_gib, tpu=args.tpu,
-                           compile_programs=args.compile, prompt_length=args.prompt_tokens)
+                           compile_programs=args.compile, prompt_length=args.prompt_tokens,
+                           progress=progress)
     except TopologyError as e:
         print(f"perpo-jax plan: error: {e}", file=sys.stderr)
         return 1

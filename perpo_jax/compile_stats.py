@@ -126,7 +126,8 @@ def _source_lines(path: str) -> dict[int, str]:
 def largest_buffers(dump_dir: str, top: int) -> list[dict]:
     """The `top` largest buffers of the dumped program, one entry per (shape, op, source) with
     how many such buffers there are: {bytes, shape, kind, count, op_name, source}."""
-    assignment = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations-buffer-assignment.txt")))
+    pattern = os.path.join(dump_dir, "*after_optimizations-buffer-assignment.txt")
+    assignment = sorted(glob.glob(pattern))
     if not assignment:
         return []
     path = assignment[-1]

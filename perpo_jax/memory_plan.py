@@ -20,12 +20,13 @@ message. A program other than the step also needs room for what stays resident b
 (the optimizer state, the reference copy, ...; `beside_bytes`, exact from the shardings),
 so it fits when peak + beside <= HBM. `per_device_bytes` are exact bytes of the weights,
 optimizer state and gradients per device from the sharding rules; activations have no
-analytic estimate (it was 2.5-6x low against XLA): without a compile (`compile_programs=False`) the
-plan says `fits: None` unless those alone exceed HBM.
+analytic estimate (it was 2.5-6x low against XLA): without a compile
+(`compile_programs=False`) the plan says `fits: None` unless those alone exceed HBM.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 
 import jax
@@ -279,10 +280,18 @@ def _program_entry(stats: dict, beside: int, hbm_bytes: float) -> dict:
     return entry
 
 
+def _release() -> None:
+    """Drops jax's cached lowerings and executables: nothing is run, and a 7B program holds
+    GBs of host memory (the v4-8 7B round was killed at 15 GB RSS on a 24 GB host without)."""
+    jax.clear_caches()
+    gc.collect()
+
+
 def compile_round(cfg: Config, config, parts, batch: dict, mesh, *, platform: str,
-                  hbm_bytes: float) -> dict:
+                  hbm_bytes: float, progress=None) -> dict:
     """Every program of a round compiled for `mesh`: name -> `compile_stats` dict plus
-    beside_bytes and fits (peak + beside within `hbm_bytes`)."""
+    beside_bytes and fits (peak + beside within `hbm_bytes`). `progress(name, entry)` is
+    called as each program is done (a 7B round takes many minutes)."""
     graphdef, params, frozen, reference = parts
     optimizer, _ = make_optimizer(cfg.optim, 1000)
     state = jax.eval_shape(lambda p: init_train_state(p, optimizer, cfg.train.seed), params)
@@ -290,21 +299,30 @@ def compile_round(cfg: Config, config, parts, batch: dict, mesh, *, platform: st
     total = sum(resident.values())
     programs = {}
 
-    def beside(held):
-        return 0 if held is None else total - sum(resident[h] for h in held)
+    def done(name, stats, held):
+        beside = 0 if held is None else total - sum(resident[h] for h in held)
+        programs[name] = _program_entry(stats, beside, hbm_bytes)
+        if progress is not None:
+            progress(name, programs[name])
 
     for name, lowered, held in _step_programs(cfg, parts, state, batch, mesh):
         stats, _ = compile_stats(lowered, platform=platform, top=LARGEST_BUFFERS)
-        programs[name] = _program_entry(stats, beside(held), hbm_bytes)
+        del lowered
+        _release()
+        done(name, stats, held)
     if rounds.uses_sampling(cfg):
         full_graphdef, spec, args, held = _sampler_args(cfg, config, parts, batch, mesh)
         lowered = sampling.prefill_program(full_graphdef, spec).lower(*args)
         stats, compiled = compile_stats(lowered, platform=platform, top=LARGEST_BUFFERS)
-        programs["prefill"] = _program_entry(stats, beside(held), hbm_bytes)
+        decode_args = _decode_args(args, compiled, lowered, mesh)
+        del lowered, compiled
+        _release()
+        done("prefill", stats, held)
         decode = sampling.decode_step_program(full_graphdef, spec)
-        stats, _ = compile_stats(decode.lower(*_decode_args(args, compiled, lowered, mesh)),
-                                 platform=platform, top=LARGEST_BUFFERS)
-        programs["decode_step"] = _program_entry(stats, beside(held), hbm_bytes)
+        stats, _ = compile_stats(decode.lower(*decode_args), platform=platform,
+                                 top=LARGEST_BUFFERS)
+        _release()
+        done("decode_step", stats, held)
     return programs
 
 
@@ -332,10 +350,11 @@ def _target(devices: int | None, tpu: str | None, compile_programs: bool):
 
 def memory_plan(cfg: Config, *, devices: int | None = None, hbm_gib: float | None = None,
                 tpu: str | None = None, compile_programs: bool = True,
-                prompt_length: int | None = None) -> dict:
+                prompt_length: int | None = None, progress=None) -> dict:
     """The plan as one JSON-able dict (see module docstring). `tpu`: a slice name of
     `tpu_topology.TPU_SLICES` (its HBM per chip unless `hbm_gib` is given); else `devices`
-    devices of this process (CPU), with `hbm_gib` per device."""
+    devices of this process (CPU), with `hbm_gib` per device. `progress`: see
+    `compile_round`."""
     target, device_kind, devs, count, table_hbm = _target(devices, tpu, compile_programs)
     hbm_gib = table_hbm if hbm_gib is None else hbm_gib
     if hbm_gib is None or hbm_gib <= 0:
@@ -377,7 +396,7 @@ def memory_plan(cfg: Config, *, devices: int | None = None, hbm_gib: float | Non
                     compiler_error=None, fits=False if floor > hbm_gib * GIB else None)
     mesh = make_mesh(cfg.mesh.shape, devices=devs)
     programs = compile_round(cfg, config, parts, batch, mesh, platform=devs[0].platform,
-                             hbm_bytes=hbm_gib * GIB)
+                             hbm_bytes=hbm_gib * GIB, progress=progress)
     peaks = [p["peak_bytes"] + p["beside_bytes"] for p in programs.values() if "peak_bytes" in p]
     errors = [f"{name}: {p['compiler_error']}" for name, p in programs.items()
               if p["compiler_error"]]
@@ -409,6 +428,18 @@ def format_buffers(buffers: list[dict]) -> list[str]:
     return lines
 
 
+def program_line(name: str, p: dict) -> str:
+    """One line about one compiled program (an entry of `plan["programs"]`)."""
+    if p["compiler_error"]:
+        return (f"{name}: does NOT fit ({p['compile_seconds']:.1f} s): "
+                f"{p['compiler_error'].splitlines()[0]}")
+    flops = f", {p['flops']:.3g} flops" if p.get("flops") is not None else ""
+    beside = f" + {_gib(p['beside_bytes'])} resident beside" if p["beside_bytes"] else ""
+    return (f"{name}: peak {_gib(p['peak_bytes'])}{beside} (arguments "
+            f"{_gib(p['argument_bytes'])}, temporaries {_gib(p['temp_bytes'])}){flops}, "
+            f"compiled in {p['compile_seconds']:.1f} s: {'fits' if p['fits'] else 'does NOT fit'}")
+
+
 def format_plan(plan: dict) -> str:
     """Human-readable summary of `memory_plan`'s dict."""
     shape = plan["list_shape"]
@@ -422,16 +453,7 @@ def format_plan(plan: dict) -> str:
     for name, n in plan["per_device_bytes"].items():
         lines.append(f"  {name:18s}{_gib(n):>11}")
     for name, p in plan["programs"].items():
-        if p["compiler_error"]:
-            lines.append(f"  {name}: does NOT fit ({p['compile_seconds']:.1f} s): "
-                         f"{p['compiler_error'].splitlines()[0]}")
-        else:
-            flops = f", {p['flops']:.3g} flops" if p.get("flops") is not None else ""
-            beside = f" + {_gib(p['beside_bytes'])} resident beside" if p["beside_bytes"] else ""
-            lines.append(f"  {name}: peak {_gib(p['peak_bytes'])}{beside} "
-                         f"(arguments {_gib(p['argument_bytes'])}, temporaries "
-                         f"{_gib(p['temp_bytes'])}){flops}, compiled in "
-                         f"{p['compile_seconds']:.1f} s: {'fits' if p['fits'] else 'does NOT fit'}")
+        lines.append(f"  {program_line(name, p)}")
         if p["largest_buffers"]:
             lines.append("    largest buffers:")
             lines.extend(format_buffers(p["largest_buffers"]))

@@ -13,15 +13,19 @@ import json
 import math
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_hf
 import transformers as tf
+from flax import nnx
 
-from perpo_jax import tpu_topology
+from perpo_jax import sampling, tpu_topology
 from perpo_jax.cli import main
 from perpo_jax.config import load_config
-from perpo_jax.memory_plan import format_plan, memory_plan
+from perpo_jax.memory_plan import format_plan, memory_plan, model_config
+from perpo_jax.models import build_model
 from perpo_jax.tpu_topology import TPU_SLICES, TopologyError, slice_devices, tpu_slice
 
 needs_libtpu = pytest.mark.skipif(not tpu_topology.libtpu_installed(),
@@ -158,6 +162,8 @@ def test_out_of_memory_on_v5e_1_is_fits_false_with_the_compilers_message(tmp_pat
     assert main([*args, "--json"]) == 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
+    # each program is reported on stderr as it is done (JSON stays alone on stdout)
+    assert captured.err.startswith("perpo-jax plan: train_step: does NOT fit (")
     plan = json.loads(captured.out)
     step = plan["programs"]["train_step"]
     assert plan["fits"] is False and step["fits"] is False
@@ -187,7 +193,8 @@ def test_out_of_memory_on_v5e_1_is_fits_false_with_the_compilers_message(tmp_pat
 def test_topology_table_follows_maxtext():
     assert tpu_slice("v5e-8").topology == "v5e:2x4" and tpu_slice("v5e-8").chip_config == "default"
     assert tpu_slice("v4-8").topology == "v4:2x2x1" and tpu_slice("v4-8").chips == 4
-    assert tpu_slice("v5p-8").topology == "v5:2x2x1" and tpu_slice("v5p-8").chip_config == "megacore"
+    assert tpu_slice("v5p-8").topology == "v5:2x2x1"
+    assert tpu_slice("v5p-8").chip_config == "megacore"
     assert tpu_slice("v6e-256").wrap == (True, True, False)
     assert tpu_slice("v5e-8").accelerator_type == "v5litepod-8"
     for name, spec in TPU_SLICES.items():
@@ -219,6 +226,12 @@ def test_missing_libtpu_is_one_line_naming_the_package(tiny_dir, capsys, monkeyp
     assert main(["plan", f"model.hf_path={tiny_dir}", "--tpu", "v5e-8"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "libtpu" in err and tpu_topology.LIBTPU_PIN in err
+    # without a compile the slice's table is enough: exact bytes, its HBM, fits unknown
+    assert main(["plan", f"model.hf_path={tiny_dir}", "--tpu", "v5e-8", "--no-compile",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["target"], plan["device_kind"], plan["devices"]) == ("v5e-8", "TPU v5 lite", 8)
+    assert plan["hbm_gib"] == 15.75 and plan["fits"] is None and plan["programs"] == {}
 
 
 def test_unknown_slice_and_mixed_flags_are_one_line(tiny_dir, capsys):
@@ -226,3 +239,28 @@ def test_unknown_slice_and_mixed_flags_are_one_line(tiny_dir, capsys):
     assert "not a known TPU slice" in capsys.readouterr().err
     assert main(["plan", f"model.hf_path={tiny_dir}", "--tpu", "v5e-8", "--devices", "8"]) == 2
     assert "drop --devices/--hbm-gib" in capsys.readouterr().err
+
+
+def test_prefill_and_decode_step_programs_chain_to_what_sample_draws(tiny_dir):
+    """The two programs `plan` compiles for the sampler are the sampler's own pieces: prefill,
+    then R - 1 decode steps, give the tokens `sampling.sample` draws (same keys, top-p 0.9)."""
+    cfg = load_config(None, [f"model.hf_path={tiny_dir}"])
+    model = build_model(model_config(cfg), rngs=nnx.Rngs(3))
+    b, k, r = 2, 3, 5
+    ids = np.random.RandomState(0).randint(1, 200, (b, 6)).astype(np.int32)
+    mask = np.ones((b, 6), bool)
+    mask[1, 4:] = False
+    rng = jax.random.key(7)
+    want = sampling.sample(model, {"prompt_ids": ids, "prompt_mask": mask}, num_samples=k,
+                           max_new_tokens=r, temperature=0.8, top_p=0.9, rng=rng, eos_id=None)
+    graphdef, state = nnx.split(model)
+    spec = sampling.SamplerSpec(k, r, False, (), 0, None, False)
+    keys = sampling.sample_keys(rng, b, k)
+    t, p = jnp.float32(0.8), jnp.float32(0.9)
+    prefix, prompt_len, carry = sampling.prefill_program(graphdef, spec)(state, ids, mask, {},
+                                                                          keys, t, p)
+    step = sampling.decode_step_program(graphdef, spec)
+    for _ in range(r - 1):
+        carry = step(state, prefix, prompt_len, keys, t, p, carry)
+    np.testing.assert_array_equal(np.asarray(carry[2]), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(carry[5]), np.asarray(want.lengths))
