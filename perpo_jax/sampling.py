@@ -21,7 +21,8 @@ the prompt) is drawn with `fold_in(that_key, t)`. Passing those per-sample keys 
 The jitted function is built once per (model graph, K, R, greedy, eos ids, pad id, mesh,
 image or not) by an `lru_cache`d builder; `jax.jit` then compiles once per (B, P) shape.
 `temperature` and `top_p` are traced, so changing them does not recompile (only switching
-to or from greedy does).
+to or from greedy does). `prefill_program` / `decode_step_program` jit steps 1-2 and ONE
+loop iteration on their own, from the same functions (`perpo-jax plan` compiles them).
 """
 
 from __future__ import annotations
