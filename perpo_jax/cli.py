@@ -7,7 +7,7 @@
     perpo-jax convert --to-hf --checkpoint CKPT_DIR --out HF_DIR [--overwrite]
     perpo-jax export  --checkpoint DIR --out HF_DIR [--overwrite]       (LoRA merged first)
     perpo-jax train   --config C [overrides...] [--coordinator H:P --num-processes N --process-id I]
-    perpo-jax plan    --config C [overrides...] --devices N --hbm-gib G [--json] [--no-compile]
+    perpo-jax plan    --config C [overrides...] (--tpu v5e-8 | --devices N --hbm-gib G) [--json]
     perpo-jax demo    [--task grounding|ocr] ...
 
 Every subcommand takes `--config FILE` (omitted: the schema defaults of perpo_jax.config) and
@@ -372,18 +372,36 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.model.hf_path is not None:
         cfg.model.hf_path = absolute(cfg.model.hf_path)
-    if args.devices < 1 or args.hbm_gib <= 0:
+    if args.tpu is None and args.devices is None:
+        raise ConfigError("give --tpu NAME (a TPU slice, e.g. v5e-8) or --devices N --hbm-gib G")
+    if args.tpu is not None and (args.devices is not None or args.hbm_gib is not None):
+        raise ConfigError("--tpu NAME fixes the devices and their HBM: drop --devices/--hbm-gib")
+    if args.tpu is None and (args.devices < 1 or args.hbm_gib is None or args.hbm_gib <= 0):
         raise ConfigError("--devices must be >= 1 and --hbm-gib > 0")
-    if args.compile and "jax" not in sys.modules:
-        # compiling for N devices needs N devices in this process: on CPU, fake them
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count="
-                                       f"{args.devices}").strip()
-    from perpo_jax.memory_plan import format_plan, memory_plan
+    if "jax" not in sys.modules:
+        if args.tpu is not None:
+            # the TPU compiler runs on this host: jax must not try to open a TPU (there may be
+            # none, or a training run may hold it)
+            os.environ["JAX_PLATFORMS"] = "cpu"
+        elif args.compile:
+            # compiling for N devices needs N devices in this process: on CPU, fake them
+            flags = os.environ.get("XLA_FLAGS", "")
+            if "xla_force_host_platform_device_count" not in flags:
+                os.environ["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count="
+                                           f"{args.devices}").strip()
+    from perpo_jax.memory_plan import format_plan, memory_plan, program_line
+    from perpo_jax.tpu_topology import TopologyError
 
-    plan = memory_plan(cfg, devices=args.devices, hbm_gib=args.hbm_gib,
-                       compile_step=args.compile, prompt_length=args.prompt_tokens)
+    def progress(name, entry):  # stderr, as each program is done: a 7B round takes minutes
+        print(f"perpo-jax plan: {program_line(name, entry)}", file=sys.stderr, flush=True)
+
+    try:
+        plan = memory_plan(cfg, devices=args.devices, hbm_gib=args.hbm_gib, tpu=args.tpu,
+                           compile_programs=args.compile, prompt_length=args.prompt_tokens,
+                           progress=progress)
+    except TopologyError as e:
+        print(f"perpo-jax plan: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
 
@@ -549,22 +567,28 @@ def _add_train(sub) -> None:
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="parameter counts and per-device memory: does it fit?",
-                       description="Counts parameters (total = transformers' count, trainable) "
-                       "and the per-device bytes of base weights, trainable weights, optimizer "
-                       "state, gradients and one step's activations for the config's mesh on "
-                       "--devices devices, from the compiled train step (XLA's memory analysis, "
-                       "on abstract arrays: no weights are read or allocated) and analytically; "
-                       "says whether it fits in --hbm-gib per device. Reads only config.json of "
-                       "model.hf_path.")
+                       description="Counts parameters (total = transformers' count, trainable), "
+                       "the exact per-device bytes of base weights, trainable weights, optimizer "
+                       "state and gradients, and compiles the programs of a round (train step, "
+                       "reference log-probs, sampler prefill and decode step) on abstract "
+                       "arrays (no weights are read or allocated): XLA's peak per device, "
+                       "flops, compile time and largest buffers. --tpu NAME compiles with "
+                       "XLA's TPU compiler on this host (the libtpu package; no TPU needed); "
+                       "--devices N --hbm-gib G for N CPU devices. Reads only config.json of "
+                       "model.hf_path. docs/tpu_plan.md")
     _common(p)
-    p.add_argument("--devices", type=int, required=True, metavar="N",
-                   help="devices (chips) of the slice, e.g. 8 for v5e-8, 4 for v4-8 / v5p-8")
-    p.add_argument("--hbm-gib", type=float, required=True, metavar="G",
-                   help="memory per device in GiB, e.g. 16 (v5e), 32 (v4), 95 (v5p)")
+    p.add_argument("--tpu", metavar="NAME", default=None,
+                   help="a TPU slice: v5e-1/4/8/16/.../256, v6e-1/.../256, v4-8/16/.../4096, "
+                   "v5p-8/16/.../8192 (chips and HBM per chip from its table)")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="devices (chips) of the slice, compiled for N CPU devices of this process")
+    p.add_argument("--hbm-gib", type=float, default=None, metavar="G",
+                   help="memory per device in GiB with --devices, e.g. 16 (v5e), 32 (v4)")
     p.add_argument("--prompt-tokens", type=int, default=None, metavar="P",
                    help="prompt length with the image tokens (default: image tokens + 64)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="analytic figures only (compiling a 7B step on CPU takes minutes)")
+                   help="exact weight/optimizer bytes only, no compile (a 7B round takes "
+                   "minutes and GBs of host memory to compile)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
 

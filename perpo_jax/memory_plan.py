@@ -1,38 +1,60 @@
-"""`perpo-jax plan`: will this recipe fit a slice? Parameter counts and per-device bytes.
+"""`perpo-jax plan`: will this recipe fit a slice? Parameter counts, and what XLA says.
 
-    plan = memory_plan(cfg, devices=8, hbm_gib=16.0, compile_step=True)
-    plan["params_total"], plan["per_device_bytes"], plan["fits"]
+    plan = memory_plan(cfg, tpu="v5e-8")                    # XLA's TPU compiler, on this host
+    plan = memory_plan(cfg, devices=8, hbm_gib=16.0)         # N CPU devices of this process
+    plan["fits"], plan["programs"]["train_step"]["peak_bytes"]
 
 Nothing is allocated: the model is built with `nnx.eval_shape` from `config.json` of
-`model.hf_path` (no weights read), LoRA is attached abstractly, and the ONE jitted train step
-of `train/step.py` is lowered on `jax.ShapeDtypeStruct`s and compiled for the configured mesh;
-`compiled.memory_analysis()` gives XLA's own per-device figures. Beside them an analytic
-breakdown: exact per-device bytes of base weights, trainable weights, optimizer state and
-gradients from the real sharding rules (`mesh.state_shardings`), and an estimate of the
-activations of one step at the configured list shape ([lists, K candidates, R tokens] with
-a P-token prompt), prefix-shared (`train.shared_prefix`) or naive.
+`model.hf_path` (no weights read), LoRA is attached abstractly, the parts are cast to the
+recipe's storage dtypes (frozen base in `model.dtype`, trainable weights and AdamW in
+`model.param_dtype`), and the real programs of a round are lowered on
+`jax.ShapeDtypeStruct`s carrying their shardings over the configured mesh and compiled
+(`compile_stats`): the train step (`train.step.build_train_step`), the reference log-probs
+(`build_ref_logps`, when `train.precompute_ref`) and, when the round samples, the sampler's
+prefill and one decode step (`sampling.prefill_program` / `decode_step_program`). Shapes are
+the round's: the step batch padded as the trainer pads it (`train.loop.step_batch_lists`),
+`sampling.prompts_per_round` prompts for the sampler.
 
-Compiling needs `devices` devices in this process (on CPU: XLA_FLAGS
---xla_force_host_platform_device_count, which `perpo-jax plan` sets itself); the analytic
-breakdown needs none (an `AbstractMesh`).
+`fits` comes from the compiler: a compile-time out-of-memory is `fits: False` with its
+message. A program other than the step also needs room for what stays resident beside it
+(the optimizer state, the reference copy, ...; `beside_bytes`, exact from the shardings),
+so it fits when peak + beside <= HBM. `per_device_bytes` are exact bytes of the weights,
+optimizer state and gradients per device from the sharding rules; activations have no
+analytic estimate (it was 2.5-6x low against XLA): without a compile
+(`compile_programs=False`) the plan says `fits: None` unless those alone exceed HBM.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
+from perpo_jax import sampling, tpu_topology
+from perpo_jax.compile_stats import compile_stats
 from perpo_jax.config import Config, ConfigError
-from perpo_jax.mesh import MESH_AXES, state_shardings
+from perpo_jax.data.batching import bucketed
+from perpo_jax.hf.load import read_config
+from perpo_jax.mesh import MESH_AXES, logical_sharding, make_mesh, state_shardings
+from perpo_jax.models import build_model, tiny_llava_config
 from perpo_jax.models.config import as_jnp_dtype
+from perpo_jax.models.from_config import DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs
+from perpo_jax.models.lora import LoRAParam, apply_lora, trainable_filter
+from perpo_jax.train import rounds
+from perpo_jax.train.loop import step_batch_lists
+from perpo_jax.train.optim import make_optimizer
+from perpo_jax.train.state import (TrainState, init_train_state, reference_state,
+                                   train_state_shardings)
+from perpo_jax.train.step import build_ref_logps, build_train_step
 
 GIB = 1024 ** 3
 PROMPT_TEXT_TOKENS = 64  # question + template around the image tokens (plan's default)
+LARGEST_BUFFERS = 8  # buffers listed per program
 
 
 # ----------------------------------------------------------------------------- model
@@ -40,14 +62,9 @@ PROMPT_TEXT_TOKENS = 64  # question + template around the image tokens (plan's d
 
 def model_config(cfg: Config, vocab_size: int | None = None):
     """LlavaConfig from `model.hf_path`/config.json only (no weights), else the tiny spec."""
-    from perpo_jax.hf.load import read_config
-
     if cfg.model.hf_path is not None:
         config = read_config(cfg.model.hf_path, as_jnp_dtype(cfg.model.dtype))
     else:
-        from perpo_jax.models import tiny_llava_config
-        from perpo_jax.models.from_config import DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs
-
         kwargs = tiny_kwargs(cfg)
         vocab = vocab_size or kwargs.pop("vocab_size", DEFAULT_VOCAB_SIZE)
         kwargs.pop("vocab_size", None)
@@ -63,8 +80,6 @@ def _count(state) -> int:
 
 def abstract_model(cfg: Config, config):
     """(abstract model with LoRA attached as the trainer does, base parameter count)."""
-    from perpo_jax.models import build_model
-    from perpo_jax.models.lora import LoRAParam, apply_lora
 
     def with_lora():
         model = build_model(config, rngs=nnx.Rngs(0))
@@ -82,8 +97,6 @@ def abstract_model(cfg: Config, config):
 def abstract_parts(cfg: Config, model):
     """(graphdef, params, frozen, reference) of an abstract model, in their storage dtypes
     (`train.state.partition_model` + `with_storage_dtypes`, on ShapeDtypeStructs)."""
-    from perpo_jax.models.lora import LoRAParam, trainable_filter
-
     lora_cfg = cfg.lora if cfg.lora.enabled else None
     graphdef, params, frozen = nnx.split(model, trainable_filter(lora_cfg), ...)
     _, reference = nnx.split_state(params, LoRAParam, ...)
@@ -115,17 +128,20 @@ def mesh_shape(shape, devices: int) -> tuple[int, int, int]:
     return tuple(shape)
 
 
+def prompt_width(cfg: Config, config, prompt_length: int | None = None) -> int:
+    """P: the prompt (image tokens + text) padded as the trainer pads it, within max_length."""
+    if prompt_length is None:
+        prompt_length = config.num_image_tokens + PROMPT_TEXT_TOKENS
+    return min(bucketed(prompt_length), cfg.train.max_length - rounds.response_length(cfg))
+
+
 def batch_shape(cfg: Config, config, mesh_dims, prompt_length: int | None = None) -> dict:
     """Global step-batch ShapeDtypeStructs at the configured list shape."""
     data, fsdp, _ = mesh_dims
-    unit = data * fsdp * cfg.optim.grad_accum
-    lists = -(-cfg.train.lists_per_step // unit) * unit
-    k = cfg.train.num_candidates
-    r = (cfg.train.max_response_length if cfg.train.mode == "offline"
-         else cfg.sampling.max_new_tokens)
-    if prompt_length is None:
-        prompt_length = config.num_image_tokens + PROMPT_TEXT_TOKENS
-    p = min(-(-prompt_length // 32) * 32, cfg.train.max_length - r)
+    lists = step_batch_lists(cfg, data, fsdp)
+    k = 2 if rounds.uses_pairs(cfg) else cfg.train.num_candidates  # M3PO: one pair per list
+    r = rounds.response_length(cfg)
+    p = prompt_width(cfg, config, prompt_length)
     v = config.vision
     s = jax.ShapeDtypeStruct
     batch = {"pixel_values": s((lists, v.num_channels, v.image_size, v.image_size), jnp.float32),
@@ -139,7 +155,7 @@ def batch_shape(cfg: Config, config, mesh_dims, prompt_length: int | None = None
     return batch
 
 
-# ----------------------------------------------------------------------------- analytic
+# ----------------------------------------------------------------------------- exact bytes
 
 
 def _leaf_bytes(leaf) -> int:
@@ -164,147 +180,294 @@ def sharded_bytes(tree, mesh) -> int:
     return tree_sharded_bytes(tree, state_shardings(tree, mesh))
 
 
-def activation_bytes(cfg: Config, config, batch: dict, mesh_dims, *, shared_prefix: bool) -> dict:
-    """Estimate of one step's live activations per device (saved for backward + the largest
-    transient working set). Decoder layers: ~(7h + 2·kv + 4f + 7r) values per token in the
-    compute dtype, attention probabilities in float32; with `model.remat` only each layer's
-    input is kept and one layer is live at a time. Plus the response logits (float32, value
-    and gradient) and the vision tower's output."""
-    data, fsdp, tensor = mesh_dims
-    b = batch["prompt_ids"].shape[0] / (data * fsdp)  # lists per device
-    p = batch["prompt_ids"].shape[1]
-    _, k, r = batch["response_ids"].shape
-    t = config.text
-    act = np.dtype(as_jnp_dtype(cfg.model.dtype)).itemsize
-    heads = t.num_heads / (tensor if t.num_heads % tensor == 0 else 1)
-    kv = t.num_kv_heads * t.head_dim
-    lora_r = cfg.lora.rank if cfg.lora.enabled else 0
-    if shared_prefix:
-        tokens = b * (p + k * r)
-        scores = b * heads * (p * p + k * r * (p + r))
-    else:
-        tokens = b * k * (p + r)
-        scores = b * k * heads * (p + r) ** 2
-    per_token = (7 * t.hidden_size + 2 * kv + 4 * t.intermediate_size + 7 * lora_r) * act
-    layer = tokens * per_token + scores * 4
-    if t.remat:
-        decoder = t.num_layers * tokens * t.hidden_size * act + layer
-    else:
-        decoder = t.num_layers * layer
-    logits = b * k * r * t.vocab_size * 4 * 2
-    vision = b * config.vision.num_positions * config.vision.hidden_size * act * 4
-    return {"decoder": int(decoder), "logits": int(logits), "vision": int(vision),
-            "total": int(decoder + logits + vision)}
+def resident_bytes(parts, state: TrainState, mesh) -> dict:
+    """Per-device bytes of what a run keeps on the chips between programs (exact)."""
+    _, params, frozen, reference = parts
+    shardings = train_state_shardings(state, mesh)
+    return {"params": sharded_bytes(params, mesh),
+            "opt_state": tree_sharded_bytes(state.opt_state, shardings.opt_state),
+            "counters": tree_sharded_bytes((state.step, state.rng, state.skipped),
+                                           (shardings.step, shardings.rng, shardings.skipped)),
+            "frozen": sharded_bytes(frozen, mesh), "reference": sharded_bytes(reference, mesh)}
 
 
-# ----------------------------------------------------------------------------- compiled
+# ----------------------------------------------------------------------------- programs
 
 
-def compiled_memory(cfg: Config, parts, batch: dict, devices: int, shared_prefix: bool) -> dict:
-    """XLA's per-device memory of the compiled train step (needs `devices` local devices)."""
-    from perpo_jax.mesh import make_mesh
-    from perpo_jax.train.optim import make_optimizer
-    from perpo_jax.train.state import init_train_state
-    from perpo_jax.train.step import build_train_step
+def _placed(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying `shardings` (a prefix tree of NamedShardings)."""
+    def one(sharding, sub):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            sub)
 
-    if len(jax.devices()) < devices:
-        raise ValueError(f"compiling for {devices} devices needs {devices} devices in this "
-                         f"process, there are {len(jax.devices())} (use --no-compile)")
+    return jax.tree.map(one, shardings, tree, is_leaf=lambda n: isinstance(n, NamedSharding))
+
+
+def _batch_placed(tree, mesh):
+    """Batch-like arrays: leading dim over (data, fsdp) as `sampling` places them."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=logical_sharding(("batch",) + (None,) * (x.ndim - 1),
+                                                    x.shape, mesh)), tree)
+
+
+def _replicated(tree, mesh):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec())), tree)
+
+
+def _step_programs(cfg: Config, parts, state, batch: dict, mesh):
+    """(name, lowered, resident parts among its arguments) of the step and the reference."""
     graphdef, params, frozen, reference = parts
-    mesh = make_mesh(cfg.mesh.shape, devices=jax.devices()[:devices])
     optimizer, schedule = make_optimizer(cfg.optim, 1000)
-    state = jax.eval_shape(lambda p: init_train_state(p, optimizer, cfg.train.seed), params)
     step = build_train_step(graphdef, state, frozen, reference, loss_cfg=cfg.loss,
                             optimizer=optimizer, schedule=schedule, mesh=mesh,
-                            grad_accum=cfg.optim.grad_accum, shared_prefix=shared_prefix)
-    stats = step.lower(state, frozen, reference, batch).compile().memory_analysis()
-    out = {name: int(getattr(stats, f"{name}_size_in_bytes"))
-           for name in ("argument", "output", "temp", "alias", "generated_code")}
-    # arguments + temporaries live at once; donated outputs reuse their arguments' buffers
-    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    return out
+                            grad_accum=cfg.optim.grad_accum, shared_prefix=cfg.train.shared_prefix)
+    yield "train_step", step.lower(state, frozen, reference, batch), None
+    if cfg.loss.name != "sft" and cfg.train.precompute_ref:
+        ref = build_ref_logps(graphdef, params, frozen, reference, mesh=mesh,
+                              shared_prefix=cfg.train.shared_prefix)
+        ref_batch = {k: v for k, v in batch.items() if k != "ref_logps"}
+        yield ("ref_logps", ref.lower(params, frozen, reference, ref_batch),
+               ("params", "frozen", "reference"))
+
+
+def _sampler_args(cfg: Config, config, parts, batch: dict, mesh):
+    """(graphdef, spec, prefill arguments, resident parts they hold) of a round's sampling."""
+    graphdef, params, frozen, reference = parts
+    if cfg.sampling.from_reference:
+        params = jax.eval_shape(reference_state, params, reference)
+        held = ("frozen", "reference")  # the zeroed adapters are made for it
+    else:
+        held = ("params", "frozen")
+    full_graphdef, state = nnx.split(nnx.merge(graphdef, params, frozen))
+    b, k = cfg.sampling.prompts_per_round, cfg.sampling.num_samples
+    p = batch["prompt_ids"].shape[1]
+    greedy = float(cfg.sampling.temperature) == 0.0
+    eos = config.text.eos_token_id
+    eos_ids = () if eos is None else tuple(int(e) for e in np.atleast_1d(eos))
+    spec = sampling.SamplerSpec(k, cfg.sampling.max_new_tokens, greedy, eos_ids, 0, mesh,
+                                True, (int(config.image_token_id),))
+    prompts = {"prompt_ids": jax.ShapeDtypeStruct((b, p), jnp.int32),
+               "prompt_mask": jax.ShapeDtypeStruct((b, p), jnp.bool_)}
+    pixels = jax.ShapeDtypeStruct((b,) + batch["pixel_values"].shape[1:], jnp.float32)
+    keys = jax.eval_shape(lambda: sampling.sample_keys(jax.random.key(0), b, k))
+    scalars = _replicated((jax.ShapeDtypeStruct((), jnp.float32),) * 2, mesh)
+    args = (_placed(state, state_shardings(state, mesh)), *_batch_placed(
+        (prompts["prompt_ids"], prompts["prompt_mask"]), mesh),
+        {"pixel_values": _batch_placed(pixels, mesh)}, _replicated(keys, mesh), *scalars)
+    return full_graphdef, spec, args, held
+
+
+def _decode_args(prefill_args, prefill_compiled, prefill_lowered, mesh):
+    """The decode step's arguments: prefill's outputs with the shardings XLA gave them (or
+    replicated, when prefill itself did not compile)."""
+    outs = prefill_lowered.out_info
+    if prefill_compiled is not None:
+        shardings = prefill_compiled.output_shardings
+        outs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            outs, shardings)
+    else:
+        outs = _replicated(outs, mesh)
+    prefix, prompt_len, carry = outs
+    state, _, _, _, keys, temperature, top_p = prefill_args
+    return state, prefix, prompt_len, keys, temperature, top_p, carry
+
+
+def _program_entry(stats: dict, beside: int, hbm_bytes: float) -> dict:
+    entry = dict(stats, beside_bytes=beside)
+    if entry["fits"]:
+        entry["fits"] = bool(entry["peak_bytes"] + beside <= hbm_bytes)
+    return entry
+
+
+def _release() -> None:
+    """Drops jax's cached lowerings and executables: nothing is run, and a 7B program holds
+    GBs of host memory (the v4-8 7B round was killed at 15 GB RSS on a 24 GB host without)."""
+    jax.clear_caches()
+    gc.collect()
+
+
+def compile_round(cfg: Config, config, parts, batch: dict, mesh, *, platform: str,
+                  hbm_bytes: float, progress=None) -> dict:
+    """Every program of a round compiled for `mesh`: name -> `compile_stats` dict plus
+    beside_bytes and fits (peak + beside within `hbm_bytes`). `progress(name, entry)` is
+    called as each program is done (a 7B round takes many minutes)."""
+    graphdef, params, frozen, reference = parts
+    optimizer, _ = make_optimizer(cfg.optim, 1000)
+    state = jax.eval_shape(lambda p: init_train_state(p, optimizer, cfg.train.seed), params)
+    resident = resident_bytes(parts, state, mesh)
+    total = sum(resident.values())
+    programs = {}
+
+    def done(name, stats, held):
+        beside = 0 if held is None else total - sum(resident[h] for h in held)
+        programs[name] = _program_entry(stats, beside, hbm_bytes)
+        if progress is not None:
+            progress(name, programs[name])
+
+    for name, lowered, held in _step_programs(cfg, parts, state, batch, mesh):
+        stats, _ = compile_stats(lowered, platform=platform, top=LARGEST_BUFFERS)
+        del lowered
+        _release()
+        done(name, stats, held)
+    if rounds.uses_sampling(cfg):
+        full_graphdef, spec, args, held = _sampler_args(cfg, config, parts, batch, mesh)
+        lowered = sampling.prefill_program(full_graphdef, spec).lower(*args)
+        stats, compiled = compile_stats(lowered, platform=platform, top=LARGEST_BUFFERS)
+        decode_args = _decode_args(args, compiled, lowered, mesh)
+        del lowered, compiled
+        _release()
+        done("prefill", stats, held)
+        decode = sampling.decode_step_program(full_graphdef, spec)
+        stats, _ = compile_stats(decode.lower(*decode_args), platform=platform,
+                                 top=LARGEST_BUFFERS)
+        _release()
+        done("decode_step", stats, held)
+    return programs
 
 
 # ----------------------------------------------------------------------------- the plan
 
 
-def memory_plan(cfg: Config, *, devices: int, hbm_gib: float, compile_step: bool = True,
-                prompt_length: int | None = None) -> dict:
-    """The plan as one JSON-able dict (see module docstring)."""
+def _target(devices: int | None, tpu: str | None, compile_programs: bool):
+    """(target name, device kind, devices to compile for or None, count, HBM GiB or None)."""
+    if tpu is not None:
+        spec = tpu_topology.tpu_slice(tpu)
+        devs = tpu_topology.slice_devices(spec) if compile_programs else None
+        return spec.name, spec.device_kind, devs, spec.chips, spec.hbm_gib
+    if devices is None or devices < 1:
+        raise ConfigError("--devices must be >= 1 (or give --tpu NAME)")
+    if not compile_programs:
+        return "cpu", "cpu", None, devices, None
+    have = jax.devices()
+    if len(have) < devices:
+        raise ConfigError(
+            f"--devices {devices}: compiling for {devices} devices needs {devices} devices in "
+            f"this process and it has {len(have)}; use --no-compile (weights and optimizer "
+            f"bytes only) or --tpu NAME (XLA's TPU compiler for a slice, e.g. --tpu v5e-8)")
+    return have[0].platform, have[0].device_kind, have[:devices], devices, None
+
+
+def memory_plan(cfg: Config, *, devices: int | None = None, hbm_gib: float | None = None,
+                tpu: str | None = None, compile_programs: bool = True,
+                prompt_length: int | None = None, progress=None) -> dict:
+    """The plan as one JSON-able dict (see module docstring). `tpu`: a slice name of
+    `tpu_topology.TPU_SLICES` (its HBM per chip unless `hbm_gib` is given); else `devices`
+    devices of this process (CPU), with `hbm_gib` per device. `progress`: see
+    `compile_round`."""
+    target, device_kind, devs, count, table_hbm = _target(devices, tpu, compile_programs)
+    hbm_gib = table_hbm if hbm_gib is None else hbm_gib
+    if hbm_gib is None or hbm_gib <= 0:
+        raise ConfigError("--hbm-gib must be > 0 (memory per device in GiB)")
     config = model_config(cfg)
     model, base_count = abstract_model(cfg, config)
     parts = abstract_parts(cfg, model)
-    graphdef, params, frozen, reference = parts
-    from perpo_jax.models.lora import LoRAParam
-
-    lora_count = _count(nnx.state(model, LoRAParam))
-    dims = mesh_shape(cfg.mesh.shape, devices)
-    mesh = AbstractMesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    _, params, frozen, reference = parts
+    dims = mesh_shape(cfg.mesh.shape, count)
+    abstract = AbstractMesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     batch = batch_shape(cfg, config, dims, prompt_length)
-    from perpo_jax.train.optim import make_optimizer
-    from perpo_jax.train.state import init_train_state, train_state_shardings
-
     optimizer, _ = make_optimizer(cfg.optim, 1000)
     state = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), params)
-    trainable = sharded_bytes(params, mesh)
-    opt_bytes = tree_sharded_bytes(state.opt_state,
-                                   train_state_shardings(state, mesh).opt_state)
-    per_device = {"base_params": sharded_bytes(frozen, mesh) + sharded_bytes(reference, mesh),
-                  "trainable_params": trainable, "optimizer_state": opt_bytes,
-                  "gradients": trainable}
-    shape = {"lists_per_step": batch["prompt_ids"].shape[0],
-             "candidates": batch["response_ids"].shape[1],
-             "response_tokens": batch["response_ids"].shape[2],
-             "prompt_tokens": batch["prompt_ids"].shape[1]}
-    by_mode = {}
-    for mode, shared in (("prefix_shared", True), ("naive", False)):
-        acts = activation_bytes(cfg, config, batch, dims, shared_prefix=shared)
-        entry = {"activations_analytic": acts,
-                 "total_analytic": sum(per_device.values()) + acts["total"]}
-        if compile_step and shared == cfg.train.shared_prefix:
-            entry["compiled"] = compiled_memory(cfg, parts, batch, devices, shared)
-        by_mode[mode] = entry
-    chosen = by_mode["prefix_shared" if cfg.train.shared_prefix else "naive"]
-    per_device["activations"] = chosen["activations_analytic"]["total"]
-    peak = chosen["compiled"]["peak"] if "compiled" in chosen else chosen["total_analytic"]
-    return {
+    resident = resident_bytes(parts, state, abstract)
+    per_device = {"base_params": resident["frozen"] + resident["reference"],
+                  "trainable_params": resident["params"], "optimizer_state": resident["opt_state"],
+                  "gradients": resident["params"]}
+    plan = {
         "model": cfg.model.hf_path or "tiny",
         "params_total": base_count,
-        "params_lora": lora_count,
+        "params_lora": _count(nnx.state(model, LoRAParam)),
         "params_trainable": _count(params),
-        "devices": devices,
+        "target": target,
+        "device_kind": device_kind,
+        "devices": count,
         "mesh": dict(zip(MESH_AXES, dims)),
-        "list_shape": shape,
+        "list_shape": {"lists_per_step": batch["prompt_ids"].shape[0],
+                       "candidates": batch["response_ids"].shape[1],
+                       "response_tokens": batch["response_ids"].shape[2],
+                       "prompt_tokens": batch["prompt_ids"].shape[1]},
         "shared_prefix": cfg.train.shared_prefix,
         "per_device_bytes": per_device,
-        "modes": by_mode,
-        "peak_bytes_per_device": int(peak),
-        "peak_source": "compiled" if "compiled" in chosen else "analytic",
         "hbm_gib": hbm_gib,
-        "fits": bool(peak <= hbm_gib * GIB),
     }
+    if devs is None:
+        floor = sum(per_device.values())
+        return dict(plan, programs={}, peak_bytes_per_device=int(floor),
+                    peak_source="analytic_lower_bound", compile_seconds=0.0,
+                    compiler_error=None, fits=False if floor > hbm_gib * GIB else None)
+    mesh = make_mesh(cfg.mesh.shape, devices=devs)
+    programs = compile_round(cfg, config, parts, batch, mesh, platform=devs[0].platform,
+                             hbm_bytes=hbm_gib * GIB, progress=progress)
+    peaks = [p["peak_bytes"] + p["beside_bytes"] for p in programs.values() if "peak_bytes" in p]
+    errors = [f"{name}: {p['compiler_error']}" for name, p in programs.items()
+              if p["compiler_error"]]
+    return dict(plan, programs=programs, peak_bytes_per_device=int(max(peaks, default=0)),
+                peak_source="compiled",
+                compile_seconds=round(sum(p["compile_seconds"] for p in programs.values()), 2),
+                compiler_error=errors[0] if errors else None,
+                fits=all(p["fits"] for p in programs.values()))
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _gib(n) -> str:
+    """Bytes in the largest binary unit that keeps them >= 1 (GiB at most)."""
+    for unit, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_buffers(buffers: list[dict]) -> list[str]:
+    lines = []
+    for b in buffers:
+        count = f" x{b['count']}" if b["count"] > 1 else ""
+        where = b["source"] or b["op_name"] or b["instruction"]
+        lines.append(f"      {_gib(b['bytes']):>11}{count:5s} {b['kind']:8s} {b['shape']:28s} "
+                     f"{where}")
+    return lines
+
+
+def program_line(name: str, p: dict) -> str:
+    """One line about one compiled program (an entry of `plan["programs"]`)."""
+    if p["compiler_error"]:
+        return (f"{name}: does NOT fit ({p['compile_seconds']:.1f} s): "
+                f"{p['compiler_error'].splitlines()[0]}")
+    flops = f", {p['flops']:.3g} flops" if p.get("flops") is not None else ""
+    beside = f" + {_gib(p['beside_bytes'])} resident beside" if p["beside_bytes"] else ""
+    return (f"{name}: peak {_gib(p['peak_bytes'])}{beside} (arguments "
+            f"{_gib(p['argument_bytes'])}, temporaries {_gib(p['temp_bytes'])}){flops}, "
+            f"compiled in {p['compile_seconds']:.1f} s: {'fits' if p['fits'] else 'does NOT fit'}")
 
 
 def format_plan(plan: dict) -> str:
     """Human-readable summary of `memory_plan`'s dict."""
-    def gib(n):
-        return f"{n / GIB:8.2f} GiB"
-
+    shape = plan["list_shape"]
     lines = [f"model {plan['model']}: {plan['params_total']:,} parameters, "
              f"{plan['params_trainable']:,} trainable ({plan['params_lora']:,} LoRA)",
-             f"mesh {plan['mesh']} on {plan['devices']} devices; step of "
-             f"{plan['list_shape']['lists_per_step']} lists x {plan['list_shape']['candidates']} "
-             f"candidates x {plan['list_shape']['response_tokens']} tokens, prompt "
-             f"{plan['list_shape']['prompt_tokens']} tokens",
-             "per device (analytic):"]
+             f"target {plan['target']} ({plan['devices']} x {plan['device_kind']}, "
+             f"{plan['hbm_gib']} GiB each), mesh {plan['mesh']}; step of "
+             f"{shape['lists_per_step']} lists x {shape['candidates']} candidates x "
+             f"{shape['response_tokens']} tokens, prompt {shape['prompt_tokens']} tokens",
+             "per device, exact from the shardings:"]
     for name, n in plan["per_device_bytes"].items():
-        lines.append(f"  {name:18s}{gib(n)}")
-    for mode, entry in plan["modes"].items():
-        text = f"  {mode:14s} total (analytic) {gib(entry['total_analytic'])}"
-        if "compiled" in entry:
-            text += f"   compiled peak {gib(entry['compiled']['peak'])}"
-        lines.append(text)
-    verdict = "fits" if plan["fits"] else "does NOT fit"
-    lines.append(f"peak {gib(plan['peak_bytes_per_device']).strip()} per device "
-                 f"({plan['peak_source']}): {verdict} in {plan['hbm_gib']} GiB")
+        lines.append(f"  {name:18s}{_gib(n):>11}")
+    for name, p in plan["programs"].items():
+        lines.append(f"  {program_line(name, p)}")
+        if p["largest_buffers"]:
+            lines.append("    largest buffers:")
+            lines.extend(format_buffers(p["largest_buffers"]))
+    failed = [name for name, p in plan["programs"].items() if p["compiler_error"]]
+    if failed:
+        verdict = (f"does NOT fit in {plan['hbm_gib']} GiB: the compiler ran out of memory "
+                   f"for {', '.join(failed)}")
+    elif plan["fits"] is None:
+        verdict = (f"at least {_gib(plan['peak_bytes_per_device'])} per device (weights, "
+                   f"optimizer state, gradients); whether it fits needs a compile (drop "
+                   f"--no-compile, or --tpu NAME)")
+    else:
+        verdict = (f"peak {_gib(plan['peak_bytes_per_device'])} per device "
+                   f"({plan['peak_source']}): {'fits' if plan['fits'] else 'does NOT fit'} "
+                   f"in {plan['hbm_gib']} GiB")
+    lines.append(verdict)
     return "\n".join(lines)

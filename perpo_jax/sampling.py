@@ -21,7 +21,8 @@ the prompt) is drawn with `fold_in(that_key, t)`. Passing those per-sample keys 
 The jitted function is built once per (model graph, K, R, greedy, eos ids, pad id, mesh,
 image or not) by an `lru_cache`d builder; `jax.jit` then compiles once per (B, P) shape.
 `temperature` and `top_p` are traced, so changing them does not recompile (only switching
-to or from greedy does).
+to or from greedy does). `prefill_program` / `decode_step_program` jit steps 1-2 and ONE
+loop iteration on their own, from the same functions (`perpo-jax plan` compiles them).
 """
 
 from __future__ import annotations
@@ -186,10 +187,9 @@ def _prefill_first_token(model, spec, prompt_ids, prompt_mask, images, keys, tem
     return prefix, prompt_len, first
 
 
-def _generate(graphdef, spec: SamplerSpec, state, prompt_ids, prompt_mask, images, keys,
-              temperature, top_p) -> SampleResult:
-    """The traced program: prefill, then the decode loop. Shapes as in `sample`."""
-    model = nnx.merge(graphdef, state)
+def _start(model, spec, prompt_ids, prompt_mask, images, keys, temperature, top_p):
+    """Prefill and the first token → (PrefixKV, prompt_len [B], the decode loop's carry:
+    (step, GroupCache [B, K, R], tokens [B, K, R], last [B, K], done [B, K], lengths [B, K]))."""
     b, k, r = prompt_ids.shape[0], spec.num_samples, spec.max_new_tokens
     prefix, prompt_len, first = _prefill_first_token(
         model, spec, prompt_ids, prompt_mask, images, keys, temperature, top_p
@@ -197,33 +197,70 @@ def _generate(graphdef, spec: SamplerSpec, state, prompt_ids, prompt_mask, image
     tokens = jnp.full((b, k, r), spec.pad_id, jnp.int32).at[:, :, 0].set(first)
     cache = _constrain_kv(model.init_cache(b, k, r), _CACHE_AXES, _CACHE_MASK_AXES, spec.mesh)
     carry = (jnp.int32(0), cache, tokens, first, _is_eos(first, spec.eos_ids), jnp.ones((b, k), jnp.int32))
+    return prefix, prompt_len, carry
+
+
+def _decode_step(model, spec, prefix, prompt_len, keys, temperature, top_p, carry):
+    """One iteration of the decode loop: feed token `step` (already in `tokens`), draw
+    token `step + 1`. Returns the next carry (see `_start`)."""
+    step, cache, tokens, last, done, lengths = carry
+    b, k = last.shape
+    active = ~done
+    embeds = model.embed(last)[:, :, None, :]  # [B, K] ids read as [B, T=K] → [B, K, 1, D]
+    positions = jnp.broadcast_to((prompt_len + step)[:, None, None], (b, k, 1))
+    hidden, cache = model.extend(
+        embeds, positions, active[:, :, None], prefix=prefix, cache=cache, cache_index=step
+    )
+    cache = _constrain_kv(cache, _CACHE_AXES, _CACHE_MASK_AXES, spec.mesh)
+    logits = model.logits(hidden[:, :, 0])  # [B, K, V]
+    nxt = draw_tokens(suppress(logits, spec.suppress_ids), keys, step + 1, temperature, top_p,
+                      spec.greedy)
+    nxt = jnp.where(active, nxt, spec.pad_id)
+    tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, :, None], (0, 0, step + 1))
+    done = done | (active & _is_eos(nxt, spec.eos_ids))
+    return step + 1, cache, tokens, nxt, done, lengths + active.astype(jnp.int32)
+
+
+def _generate(graphdef, spec: SamplerSpec, state, prompt_ids, prompt_mask, images, keys,
+              temperature, top_p) -> SampleResult:
+    """The traced program: prefill, then the decode loop. Shapes as in `sample`."""
+    model = nnx.merge(graphdef, state)
+    r = spec.max_new_tokens
+    prefix, prompt_len, carry = _start(model, spec, prompt_ids, prompt_mask, images, keys,
+                                       temperature, top_p)
 
     def keep_going(carry):
         step, _, _, _, done, _ = carry
         return (step < r - 1) & ~jnp.all(done)
 
-    def decode_step(carry):
-        # Feed token `step` (already in `tokens`), draw token `step + 1`.
-        step, cache, tokens, last, done, lengths = carry
-        active = ~done
-        embeds = model.embed(last)[:, :, None, :]  # [B, K] ids read as [B, T=K] → [B, K, 1, D]
-        positions = jnp.broadcast_to((prompt_len + step)[:, None, None], (b, k, 1))
-        hidden, cache = model.extend(
-            embeds, positions, active[:, :, None], prefix=prefix, cache=cache, cache_index=step
-        )
-        cache = _constrain_kv(cache, _CACHE_AXES, _CACHE_MASK_AXES, spec.mesh)
-        logits = model.logits(hidden[:, :, 0])  # [B, K, V]
-        nxt = draw_tokens(suppress(logits, spec.suppress_ids), keys, step + 1, temperature, top_p,
-                          spec.greedy)
-        nxt = jnp.where(active, nxt, spec.pad_id)
-        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, :, None], (0, 0, step + 1))
-        done = done | (active & _is_eos(nxt, spec.eos_ids))
-        return step + 1, cache, tokens, nxt, done, lengths + active.astype(jnp.int32)
-
-    _, _, tokens, _, _, lengths = jax.lax.while_loop(keep_going, decode_step, carry)
+    body = functools.partial(_decode_step, model, spec, prefix, prompt_len, keys, temperature,
+                             top_p)
+    _, _, tokens, _, _, lengths = jax.lax.while_loop(keep_going, body, carry)
     tokens = _constrain(tokens, ("batch", "candidates", "length"), spec.mesh)
     mask = jnp.arange(r, dtype=jnp.int32)[None, None, :] < lengths[:, :, None]
     return SampleResult(tokens=tokens, lengths=lengths, mask=mask)
+
+
+def _prefill_alone(graphdef, spec, state, *args):
+    return _start(nnx.merge(graphdef, state), spec, *args)
+
+
+def _decode_step_alone(graphdef, spec, state, *args):
+    return _decode_step(nnx.merge(graphdef, state), spec, *args)
+
+
+def prefill_program(graphdef: nnx.GraphDef, spec: SamplerSpec):
+    """jax.jit of the sampler's part before its loop, on its own (to compile and measure it:
+    `perpo-jax plan`): (state, prompt_ids, prompt_mask, images, keys, temperature, top_p)
+    → (PrefixKV, prompt_len, carry), the very `_start` that `_generate` runs."""
+    return jax.jit(functools.partial(_prefill_alone, graphdef, spec))
+
+
+def decode_step_program(graphdef: nnx.GraphDef, spec: SamplerSpec):
+    """jax.jit of ONE decode-loop iteration (`_decode_step`, as `_generate`'s loop body):
+    (state, prefix, prompt_len, keys, temperature, top_p, carry) → carry. The carry is
+    donated, as the loop updates its cache and tokens in place."""
+    return jax.jit(functools.partial(_decode_step_alone, graphdef, spec), donate_argnums=(6,))
 
 
 @functools.lru_cache(maxsize=32)

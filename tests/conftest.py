@@ -4,7 +4,12 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CPU only, also when empty: with libtpu installed (requirements-test.txt, for the TPU
+# compiler of `perpo-jax plan --tpu`) an unrestricted jax would try to open a TPU. libtpu's
+# compile-only devices need no platform of their own; `perpo_jax.tpu_topology` gives libtpu
+# its settings (no metadata server, no worker hostnames) only while it starts.
+if not os.environ.get("JAX_PLATFORMS"):
+    os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -112,16 +112,22 @@ class _Plan:
         return sum(self.round_steps[:round_index])
 
 
+def step_batch_lists(cfg: Config, data: int, fsdp: int) -> int:
+    """Rows of a global step batch: `train.lists_per_step` padded with empty lists to a
+    multiple of (data · fsdp · grad_accum), so the batch shards and splits into micro-batches
+    (`perpo-jax plan` compiles the step at this shape too)."""
+    unit = data * fsdp * cfg.optim.grad_accum
+    return -(-cfg.train.lists_per_step // unit) * unit
+
+
 def _batch_layout(cfg: Config, mesh) -> tuple[int, int]:
     """(this host's step-batch rows, real lists per step on this host): exactly
-    `train.lists_per_step` real lists per update, padded with empty lists to a multiple of
-    (data · fsdp · grad_accum) rows so the batch shards and splits into micro-batches."""
+    `train.lists_per_step` real lists per update, padded (`step_batch_lists`)."""
     hosts = jax.process_count()
     if cfg.train.lists_per_step % hosts:
         raise ConfigError(f"train.lists_per_step={cfg.train.lists_per_step} must be a multiple "
                           f"of the {hosts} hosts (each host trains on its own lists)")
-    unit = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.optim.grad_accum
-    batch_lists = -(-cfg.train.lists_per_step // unit) * unit
+    batch_lists = step_batch_lists(cfg, mesh.shape["data"], mesh.shape["fsdp"])
     return batch_lists // hosts, cfg.train.lists_per_step // hosts
 
 
