@@ -18,7 +18,7 @@ from perpo_jax.config import Config
 
 # Config keys holding paths, made absolute against the working directory by `resolve_paths`.
 PATH_KEYS = ("train.out_dir", "checkpoint.dir", "data.data_dir", "data.path", "data.image_dir",
-             "data.tokenizer", "model.hf_path")
+             "data.tokenizer", "model.hf_path", "lora.init_from")
 # Command-line arguments holding paths (same treatment).
 PATH_ARGS = ("checkpoint", "out", "from_hf")
 
@@ -92,7 +92,8 @@ def protected_paths(cfg: Config, **inputs: str | None) -> dict[str, str | None]:
             "data dir (data.data_dir)": cfg.data.data_dir,
             "data file (data.path)": cfg.data.path,
             "image dir (data.image_dir)": cfg.data.image_dir,
-            "base model (model.hf_path)": cfg.model.hf_path}
+            "base model (model.hf_path)": cfg.model.hf_path,
+            "PEFT adapter (lora.init_from)": cfg.lora.init_from}
 
 
 def check_checkpoint(path: str) -> None:

@@ -64,6 +64,9 @@ class LoraConfig:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: [LLM_LINEARS])  # regexes over module paths
     trainable: list[str] = field(default_factory=list)  # module-path regexes trained fully
+    # a PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors) to start from:
+    # rank / alpha / dropout / targets come from it (docs/peft.md)
+    init_from: str | None = None
 
 
 @dataclass
@@ -420,6 +423,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.lora.init_from is not None:
+        _validate_init_from(cfg.lora)
     if cfg.sampling.temperature < 0:
         raise ConfigError(f"sampling.temperature: must be >= 0, got {cfg.sampling.temperature}")
     if not 0.0 < cfg.sampling.top_p <= 1.0:
@@ -467,6 +472,25 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.task: data.source='page_ocr' holds OCR pages, needs "
                           f"data.task=ocr, got {cfg.data.task!r}")
     return cfg
+
+
+def _validate_init_from(lora: LoraConfig) -> None:
+    """lora.init_from: a local dir holding a PEFT adapter (perpo_jax.hf.peft_adapter reads it)."""
+    path = lora.init_from
+    if not lora.enabled:
+        raise ConfigError("lora.init_from: set, but lora.enabled=false (an adapter needs LoRA on)")
+    if "://" in path:
+        raise ConfigError(f"lora.init_from: {path}: needs a local directory (copy the adapter)")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"lora.init_from: {path}: no such directory")
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"lora.init_from: {path} has no adapter_config.json (not a PEFT adapter)")
+    if not (folder / "adapter_model.safetensors").is_file():
+        why = ("holds adapter_model.bin: only safetensors are read (peft: save_pretrained(..., "
+               "safe_serialization=True))" if (folder / "adapter_model.bin").exists()
+               else "has no adapter_model.safetensors")
+        raise ConfigError(f"lora.init_from: {path} {why}")
 
 
 def _validate_pref_columns(cfg: Config) -> None:

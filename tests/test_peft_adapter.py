@@ -1,0 +1,255 @@
+"""PEFT adapters out and in, against peft itself (tiny random transformers models, float32).
+
+Out: our LoRA + a changed projector -> `save_pretrained(adapter=True)` -> `PeftModel.
+from_pretrained(<transformers base>, DIR)` gives our logits and our merged export's logits,
+`merge_and_unload()` equals our merged export, and PEFT wraps exactly the adapted modules.
+In: adapters made BY peft (`init_lora_weights=False`, changed modules_to_save) -> `resolve_lora`
++ `apply_lora` + `load_adapter` give PeftModel's logits; `lora.init_from` trains from one.
+"""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from flax import nnx
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from safetensors.numpy import load_file
+
+import tiny_hf
+from perpo_jax.config import LLM_LINEARS, ConfigError, LoraConfig
+from perpo_jax.hf import AdapterError, load_adapter, load_pretrained, resolve_lora, save_pretrained
+from perpo_jax.hf.peft_adapter import HfNames, adapter_sites, canonical_key, in_memory_key
+from perpo_jax.models import LlavaNextConfig
+from perpo_jax.models.lora import apply_lora, lora_slots, merge_lora
+
+TOL = 1e-4
+PROJECTOR = ["multi_modal_projector"]
+LLM_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ANYRES_SIZES = [[20, 45], [37, 22], [40, 40]]
+
+
+def _build(kind):
+    if kind == "llava":
+        return tiny_hf.llava(tiny_hf.llama_config(), tiny_hf.clip_config())
+    return {"next": tiny_hf.llava_next, "onevision": tiny_hf.llava_onevision}[kind]()
+
+
+@pytest.fixture(scope="module", params=["llava", "next", "onevision"])
+def base(request, tmp_path_factory):
+    """(kind, base dir saved by transformers)."""
+    path = tmp_path_factory.mktemp(request.param) / "base"
+    _build(request.param).save_pretrained(path)
+    return request.param, str(path)
+
+
+def _hf(path) -> torch.nn.Module:
+    return tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _inputs(hf, ours):
+    """(our forward args, transformers kwargs) for one batch; LLaVA-1.5 or anyres."""
+    if not isinstance(ours.config, LlavaNextConfig):
+        ids, pixels = tiny_hf.llava_inputs(hf, batch=2)
+        return ((jnp.asarray(ids), None, jnp.asarray(pixels)),
+                dict(ids=ids, pixel_values=pixels), None)
+    ids, mask, pixels, sizes = tiny_hf.anyres_inputs(hf, ANYRES_SIZES, ours.config.max_tiles)
+    args = tuple(jnp.asarray(a) for a in (ids, mask, pixels, sizes))
+    return args, dict(ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes), mask
+
+
+def _hf_logits(model, kw):
+    if "image_sizes" in kw:
+        return tiny_hf.hf_anyres_logits(model, kw["ids"], kw["attention_mask"],
+                                        kw["pixel_values"], kw["image_sizes"])
+    return tiny_hf.hf_logits(model, kw["ids"], pixel_values=kw["pixel_values"])
+
+
+@nnx.jit
+def _forward(model, *args):
+    return model(*args)
+
+
+def _max_diff(a, b, mask):
+    diff = np.abs(np.asarray(a) - np.asarray(b))
+    return float((diff[mask.astype(bool)] if mask is not None else diff).max())
+
+
+def _randomize(model, seed):
+    """Nonzero A and B everywhere, and a changed projector (the trained modules_to_save)."""
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+    for _, linear in lora_slots(model):
+        if linear.lora is not None:
+            for var in (linear.lora.a, linear.lora.b):
+                var.set_value(0.1 * jax.random.normal(next(keys), var[...].shape))
+    for linear in (model.multi_modal_projector.linear_1, model.multi_modal_projector.linear_2):
+        k = linear.kernel
+        k.set_value(k[...] + 0.05 * jax.random.normal(next(keys), k[...].shape))
+
+
+def _lora_names(peft_model) -> set[str]:
+    inner = peft_model.base_model.model
+    return {n for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _saved_names(peft_model) -> set[str]:
+    inner = peft_model.base_model.model
+    return {n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
+def _num_layers(hf) -> int:
+    return hf.config.text_config.num_hidden_layers
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_in_memory_names_are_transformers_own_and_invert_canonical_key(base):
+    """Every parameter of our table has its transformers in-memory name (tied lm_head aside),
+    and `canonical_key` maps each back."""
+    _, path = base
+    hf = _hf(path)
+    names = HfNames(load_pretrained(path).config)
+    live = set(hf.state_dict())
+    if hf.config.tie_word_embeddings:
+        live.discard("lm_head.weight")
+    assert set(names.params) == live
+    for key, entry in names.params.items():
+        assert canonical_key(key, True) == entry.key and in_memory_key(entry.key, True) == key
+    linears = {n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears.discard("lm_head" if hf.config.tie_word_embeddings else "")
+    assert set(names.sites) == linears
+
+
+@pytest.mark.parametrize("peft_kwargs", [
+    dict(target_modules=["q_proj", "v_proj"]),  # a plain list hits the vision tower too
+    dict(target_modules=["q_proj", "fc1"], layers_to_transform=[1]),
+    dict(target_modules=["k_proj", "o_proj"], layers_to_transform=0, layers_pattern="layers"),
+    dict(target_modules=r".*language_model.*\.(up_proj|down_proj)"),
+    dict(target_modules="all-linear", modules_to_save=PROJECTOR),
+    dict(target_modules=["q_proj", "out_proj", "linear_1"], exclude_modules=["linear_1"]),
+])
+def test_we_adapt_exactly_the_modules_peft_wraps(base, peft_kwargs):
+    _, path = base
+    hf = _hf(path)
+    names = HfNames(load_pretrained(path).config)
+    cfg = PeftLoraConfig(r=2, lora_alpha=4, **peft_kwargs).to_dict()
+    ours = {s.name for s in adapter_sites(cfg, names, "test")}
+    assert ours == _lora_names(get_peft_model(hf, PeftLoraConfig(r=2, lora_alpha=4, **peft_kwargs)))
+
+
+# ----------------------------------------------------------------------------- out
+
+
+def test_exported_adapter_loads_in_peft_with_our_logits(base, tmp_path):
+    kind, path = base
+    ours = load_pretrained(path)
+    apply_lora(ours, LoraConfig(rank=4, alpha=8.0, dropout=0.0), nnx.Rngs(1))
+    _randomize(ours, seed=2)
+    adapter = save_pretrained(ours, str(tmp_path / "adapter"), adapter=True, trainable=PROJECTOR,
+                              base_model_name_or_path=path, source_dir=path)
+    args, kw, mask = _inputs(_hf(path), ours)
+    want = _forward(ours, *args)
+
+    peft_model = PeftModel.from_pretrained(_hf(path), adapter).eval()
+    n = _num_layers(peft_model.base_model.model)
+    assert _lora_names(peft_model) == {f"model.language_model.layers.{i}.{m}"
+                                       for i in range(n) for m in LLM_NAMES}
+    assert _saved_names(peft_model) == {"model.multi_modal_projector"}
+    diff = _max_diff(_hf_logits(peft_model, kw), want, mask)
+    print(f"[peft] {kind}: PeftModel vs ours max|diff| = {diff:.2e}")
+    assert diff <= TOL
+
+    merged_dir = save_pretrained(merge_lora(nnx.clone(ours)), str(tmp_path / "merged"))
+    merged_hf = _hf(merged_dir)
+    assert _max_diff(_hf_logits(merged_hf, kw), want, mask) <= TOL
+    unloaded = peft_model.merge_and_unload().state_dict()
+    exported = merged_hf.state_dict()
+    assert sorted(unloaded) == sorted(exported)
+    for key, value in exported.items():
+        np.testing.assert_allclose(unloaded[key].numpy(), value.numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+    # the projector really changed (else modules_to_save would prove nothing)
+    assert not torch.equal(exported["model.multi_modal_projector.linear_1.weight"],
+                           _hf(path).state_dict()["model.multi_modal_projector.linear_1.weight"])
+
+
+def test_adapter_files_are_the_ones_peft_writes(base, tmp_path):
+    """peft saving the same adapter (our target regex + modules_to_save) writes the same
+    adapter_config.json and the same keys, shapes and dtypes; the side files travel along."""
+    _, path = base
+    ours = load_pretrained(path)
+    apply_lora(ours, LoraConfig(rank=4, alpha=8.0, dropout=0.0), nnx.Rngs(1))
+    adapter = save_pretrained(ours, str(tmp_path / "ours"), adapter=True, trainable=PROJECTOR,
+                              base_model_name_or_path=path, source_dir=path)
+    mine = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    peft_model = get_peft_model(_hf(path), PeftLoraConfig(
+        r=4, lora_alpha=8, target_modules=mine["target_modules"],
+        modules_to_save=mine["modules_to_save"]))
+    peft_model.save_pretrained(tmp_path / "peft")
+    theirs = json.load(open(tmp_path / "peft" / "adapter_config.json"))
+    assert theirs["base_model_name_or_path"] == path
+    assert mine == theirs
+    a = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    b = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype)
+                                                             for k, v in b.items()}
+    assert "config.json" not in os.listdir(adapter)
+    assert "config.json" in os.listdir(path) and "generation_config.json" in os.listdir(adapter)
+
+
+# ----------------------------------------------------------------------------- in
+
+
+def _peft_adapter(path, out, seed=0, **kwargs):
+    """An adapter made by peft on the transformers base: random B (init_lora_weights=False)
+    and, for modules_to_save, a changed copy of the module. Returns (dir, PeftModel)."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(_hf(path), PeftLoraConfig(init_lora_weights=False, **kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(out)
+    return str(out), peft_model.eval()
+
+
+def _ours_from(path, adapter, **lora):
+    model = load_pretrained(path)
+    cfg = resolve_lora(LoraConfig(init_from=adapter, **lora), model)
+    apply_lora(model, cfg, nnx.Rngs(5))
+    return load_adapter(model, adapter, trainable=lora.get("trainable", PROJECTOR)), cfg
+
+
+@pytest.mark.parametrize("peft_kwargs", [
+    dict(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
+         modules_to_save=PROJECTOR, use_rslora=True),
+    dict(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj", "gate_proj", "fc2"],
+         layers_to_transform=[1]),
+])
+def test_peft_made_adapter_gives_peft_logits(base, tmp_path, peft_kwargs):
+    _, path = base
+    adapter, peft_model = _peft_adapter(path, tmp_path / "adapter", **peft_kwargs)
+    ours, cfg = _ours_from(path, adapter)
+    r, alpha = peft_kwargs["r"], peft_kwargs["lora_alpha"]
+    assert cfg.rank == r and cfg.dropout == peft_kwargs.get("lora_dropout", 0.0)
+    scale = alpha / math.sqrt(r) if peft_kwargs.get("use_rslora") else alpha / r
+    scales = {m.lora.scale for _, m in lora_slots(ours) if m.lora is not None}
+    assert len(scales) == 1 and scales.pop() == pytest.approx(scale)
+    args, kw, mask = _inputs(peft_model.base_model.model, ours)
+    diff = _max_diff(_forward(ours, *args), _hf_logits(peft_model, kw), mask)
+    print(f"[peft] in {peft_kwargs['target_modules']}: max|diff| = {diff:.2e}")
+    assert diff <= TOL
+    if "layers_to_transform" in peft_kwargs:  # a left-out layer: exactly zero A and B
+        q = ours.language_model.layers.self_attn.q_proj.lora
+        assert not np.any(np.asarray(q.a[0])) and not np.any(np.asarray(q.b[0]))
+        assert np.any(np.asarray(q.b[1]))
