@@ -24,8 +24,9 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors.numpy import load_file
 
 import tiny_hf
-from perpo_jax.config import LLM_LINEARS, ConfigError, LoraConfig
-from perpo_jax.hf import AdapterError, load_adapter, load_pretrained, resolve_lora, save_pretrained
+from perpo_jax.config import ConfigError, LoraConfig, config_from_dict
+from perpo_jax.hf import (AdapterError, load_adapter, load_pretrained, read_config, resolve_lora,
+                         save_pretrained)
 from perpo_jax.hf.peft_adapter import HfNames, adapter_sites, canonical_key, in_memory_key
 from perpo_jax.models import LlavaNextConfig
 from perpo_jax.models.lora import apply_lora, lora_slots, merge_lora
@@ -43,12 +44,27 @@ def _build(kind):
     return {"next": tiny_hf.llava_next, "onevision": tiny_hf.llava_onevision}[kind]()
 
 
-@pytest.fixture(scope="module", params=["llava", "next", "onevision"])
+_BASES: dict[str, str] = {}
+
+
+def _base_dir(kind, tmp_path_factory) -> str:
+    """A tiny random transformers model of `kind` saved once per session."""
+    if kind not in _BASES:
+        path = tmp_path_factory.mktemp(kind) / "base"
+        _build(kind).save_pretrained(path)
+        _BASES[kind] = str(path)
+    return _BASES[kind]
+
+
+@pytest.fixture(params=["llava", "next", "onevision"])
 def base(request, tmp_path_factory):
-    """(kind, base dir saved by transformers)."""
-    path = tmp_path_factory.mktemp(request.param) / "base"
-    _build(request.param).save_pretrained(path)
-    return request.param, str(path)
+    """(kind, base dir saved by transformers); tests narrow the kinds with indirect=True."""
+    return request.param, _base_dir(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def llava_base(tmp_path_factory) -> str:
+    return _base_dir("llava", tmp_path_factory)
 
 
 def _hf(path) -> torch.nn.Module:
@@ -117,7 +133,7 @@ def test_in_memory_names_are_transformers_own_and_invert_canonical_key(base):
     and `canonical_key` maps each back."""
     _, path = base
     hf = _hf(path)
-    names = HfNames(load_pretrained(path).config)
+    names = HfNames(read_config(path))
     live = set(hf.state_dict())
     if hf.config.tie_word_embeddings:
         live.discard("lm_head.weight")
@@ -140,7 +156,7 @@ def test_in_memory_names_are_transformers_own_and_invert_canonical_key(base):
 def test_we_adapt_exactly_the_modules_peft_wraps(base, peft_kwargs):
     _, path = base
     hf = _hf(path)
-    names = HfNames(load_pretrained(path).config)
+    names = HfNames(read_config(path))
     cfg = PeftLoraConfig(r=2, lora_alpha=4, **peft_kwargs).to_dict()
     ours = {s.name for s in adapter_sites(cfg, names, "test")}
     assert ours == _lora_names(get_peft_model(hf, PeftLoraConfig(r=2, lora_alpha=4, **peft_kwargs)))
@@ -149,6 +165,7 @@ def test_we_adapt_exactly_the_modules_peft_wraps(base, peft_kwargs):
 # ----------------------------------------------------------------------------- out
 
 
+@pytest.mark.parametrize("base", ["llava", "onevision"], indirect=True)
 def test_exported_adapter_loads_in_peft_with_our_logits(base, tmp_path):
     kind, path = base
     ours = load_pretrained(path)
@@ -182,6 +199,7 @@ def test_exported_adapter_loads_in_peft_with_our_logits(base, tmp_path):
                            _hf(path).state_dict()["model.multi_modal_projector.linear_1.weight"])
 
 
+@pytest.mark.parametrize("base", ["llava"], indirect=True)
 def test_adapter_files_are_the_ones_peft_writes(base, tmp_path):
     """peft saving the same adapter (our target regex + modules_to_save) writes the same
     adapter_config.json and the same keys, shapes and dtypes; the side files travel along."""
@@ -230,12 +248,12 @@ def _ours_from(path, adapter, **lora):
     return load_adapter(model, adapter, trainable=lora.get("trainable", PROJECTOR)), cfg
 
 
-@pytest.mark.parametrize("peft_kwargs", [
-    dict(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
-         modules_to_save=PROJECTOR, use_rslora=True),
-    dict(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj", "gate_proj", "fc2"],
-         layers_to_transform=[1]),
-])
+@pytest.mark.parametrize("base, peft_kwargs", [
+    ("llava", dict(r=4, lora_alpha=16, lora_dropout=0.1, use_rslora=True,
+                   target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=PROJECTOR)),
+    ("onevision", dict(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj", "gate_proj", "fc2"],
+                       layers_to_transform=[1], modules_to_save=PROJECTOR)),
+], indirect=["base"])
 def test_peft_made_adapter_gives_peft_logits(base, tmp_path, peft_kwargs):
     _, path = base
     adapter, peft_model = _peft_adapter(path, tmp_path / "adapter", **peft_kwargs)
@@ -253,3 +271,176 @@ def test_peft_made_adapter_gives_peft_logits(base, tmp_path, peft_kwargs):
         q = ours.language_model.layers.self_attn.q_proj.lora
         assert not np.any(np.asarray(q.a[0])) and not np.any(np.asarray(q.b[0]))
         assert np.any(np.asarray(q.b[1]))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_mismatched_config_and_unsupported_adapters_are_clear_errors(llava_base, tmp_path):
+    path = llava_base
+    adapter, _ = _peft_adapter(path, tmp_path / "plain", r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj"], modules_to_save=PROJECTOR)
+    model = load_pretrained(path)
+    with pytest.raises(ConfigError, match=r"lora\.rank=8 .* has r=4"):
+        resolve_lora(LoraConfig(init_from=adapter, rank=8), model)
+    with pytest.raises(ConfigError, match=r"lora\.alpha=32\.0 .* lora_alpha=8"):
+        resolve_lora(LoraConfig(init_from=adapter, alpha=32.0), model)
+    with pytest.raises(ConfigError, match=r"lora\.targets \['q_proj\$'\] select"):
+        resolve_lora(LoraConfig(init_from=adapter, targets=["q_proj$"]), model)
+    same = resolve_lora(LoraConfig(init_from=adapter, rank=4, alpha=8.0), model)  # agreeing: fine
+    assert same.rank == 4 and len(same.targets) == 4  # q, v of the LLM and of CLIP
+    apply_lora(model, same, nnx.Rngs(0))
+    with pytest.raises(AdapterError, match=r"modules_to_save=\['multi_modal_projector'\].*"
+                                           r"lora.trainable \[\] leaves frozen"):
+        load_adapter(model, adapter, trainable=[])
+
+    for name, kwargs, field in [
+        ("dora", dict(target_modules=["q_proj"], use_dora=True), "use_dora=True"),
+        ("embed", dict(target_modules=["q_proj", "embed_tokens"]), "target_modules="),
+        ("bias", dict(target_modules=["q_proj"], bias="all"), "bias='all'"),
+    ]:
+        bad, _ = _peft_adapter(path, tmp_path / name, r=2, lora_alpha=2, **kwargs)
+        with pytest.raises(AdapterError, match=field) as err:
+            resolve_lora(LoraConfig(init_from=bad), load_pretrained(path))
+        assert "adapter_config.json" in str(err.value)
+    assert "model.language_model.embed_tokens" in str(
+        pytest.raises(AdapterError, resolve_lora, LoraConfig(init_from=str(tmp_path / "embed")),
+                      model).value)
+
+    bin_only = tmp_path / "bin_only"
+    bin_only.mkdir()
+    (bin_only / "adapter_config.json").write_text("{}")
+    (bin_only / "adapter_model.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"lora\.init_from: .* only safetensors"):
+        config_from_dict({"lora": {"init_from": str(bin_only)}})
+    with pytest.raises(ConfigError, match=r"lora\.init_from: .*lora\.enabled=false"):
+        config_from_dict({"lora": {"init_from": adapter, "enabled": False}})
+
+
+@pytest.mark.parametrize("base", ["next"], indirect=True)
+def test_export_refuses_what_peft_cannot_hold(base, tmp_path):
+    _, path = base
+    model = load_pretrained(path)
+    with pytest.raises(AdapterError, match="no LoRA adapter"):
+        save_pretrained(model, str(tmp_path / "none"), adapter=True)
+    apply_lora(model, LoraConfig(rank=2, alpha=2.0), nnx.Rngs(0))
+    with pytest.raises(AdapterError, match=r"model\.image_newline is trained fully .* bare"):
+        save_pretrained(model, str(tmp_path / "nl"), adapter=True, trainable=["image_newline"])
+    assert not os.path.exists(tmp_path / "nl")  # nothing half-written
+
+
+# ----------------------------------------------------------------------------- train and CLI
+
+
+@pytest.fixture(scope="module")
+def run_base(shared, tmp_path_factory) -> str:
+    """Our tiny 2-layer LLaVA over the shared dataset's processor, saved as a transformers
+    base with the processor files (a model.hf_path to train from)."""
+    from tiny_run import tiny_cfg
+
+    from perpo_jax.models.from_config import build_model
+
+    _, data = shared
+    tmp = tmp_path_factory.mktemp("run_base")
+    cfg = tiny_cfg(tmp, "model.tiny={hidden_size: 32, num_layers: 2, image_size: 16, "
+                   "patch_size: 8, vocab_size: 320}")
+    model = build_model(cfg, None, data.processor)
+    return save_pretrained(model, str(tmp / "base"), source_dir=data.processor_dir)
+
+
+def _official_lists(tmp) -> list[str]:
+    """Overrides for 8 pre-sampled PerPO lists (offline: one update of 8 lists, no sampling)."""
+    from PIL import Image
+
+    (tmp / "img").mkdir()
+    entries = []
+    for i in range(8):
+        Image.new("RGB", (40, 30), (20 * i, 200, 10)).save(tmp / "img" / f"{i}.jpg")
+        entries.append({"image_id": i, "image_path": f"{i}.jpg", "question": f"Where is thing {i}?",
+                        "answer": "[0.1, 0.2, 0.5, 0.6]",
+                        "answers_gen": ["[0.1, 0.2, 0.5, 0.6]", "[0.12, 0.2, 0.5, 0.6]",
+                                        "[0.6, 0.6, 0.9, 0.9]"],
+                        "iou_scores": [1.0, 0.95, 0.0]})
+    (tmp / "lists.json").write_text(json.dumps(entries))
+    return ["data.source=official_json", f"data.path={tmp / 'lists.json'}",
+            f"data.image_dir={tmp / 'img'}", f"data.data_dir={tmp / 'data'}", "train.mode=offline",
+            "train.epochs=1", "train.steps=0", "data.min_margin=0.8"]
+
+
+def _image_inputs(config, seed=0):
+    """input_ids [2, T] around one image's tokens, pixel_values [2, 3, S, S]."""
+    rng = np.random.default_rng(seed)
+    n, size, image = config.num_image_tokens, config.vision.image_size, config.image_token_id
+    text = [t for t in range(1, 200) if t != image]
+    row = lambda: np.concatenate([rng.choice(text, 3), np.full(n, image), rng.choice(text, 4)])
+    ids = np.stack([row(), row()]).astype(np.int64)
+    return ids, rng.standard_normal((2, 3, size, size)).astype(np.float32)
+
+
+def test_train_from_a_peft_adapter_and_export_it_back(run_base, tmp_path, capsys):
+    """lora.init_from: the trainer's policy is PeftModel's, its reference the base; a train
+    step starts from the adapter (left-out layer stays exactly 0); `perpo-jax export
+    --adapter` of the run loads in peft with the trained model's logits."""
+    from tiny_run import tiny_cfg
+
+    from perpo_jax import cli
+    from perpo_jax.data.prepare import prepare_data
+    from perpo_jax.models import from_config
+    from perpo_jax.train import loop
+
+    path = run_base
+    adapter, peft_model = _peft_adapter(path, tmp_path / "adapter", seed=3, r=4, lora_alpha=8,
+                                        target_modules=["q_proj", "v_proj"],
+                                        layers_to_transform=[1], modules_to_save=PROJECTOR)
+    cfg = tiny_cfg(tmp_path, *_official_lists(tmp_path), f"model.hf_path={path}",
+                   "lora.enabled=true", f"lora.init_from={adapter}",
+                   "lora.trainable=[multi_modal_projector]", "optim.lr=1e-6")
+    data = prepare_data(cfg, progress=False)
+    ids, pixels = _image_inputs(read_config(path))
+    peft_logits = tiny_hf.hf_logits(peft_model, ids, pixel_values=pixels)
+    base_logits = tiny_hf.hf_logits(_hf(path), ids, pixel_values=pixels)
+
+    mesh = from_config.build_mesh(cfg)
+    plan, _ = loop._plan_and_loader(cfg, mesh, data)
+    trainer = loop._Trainer(cfg, data, from_config.build_model(cfg, mesh, data.processor), mesh,
+                            plan)
+    args = (jnp.asarray(ids), None, jnp.asarray(pixels))
+    assert _max_diff(_forward(trainer.model(), *args), peft_logits, None) <= TOL
+    assert _max_diff(_forward(trainer.model(reference=True), *args), base_logits, None) <= TOL
+
+    result = loop.train(cfg, data=data, progress=False)
+    (row,) = result.history
+    # a fresh adapter's first step is exactly log 2 (policy = reference); the loaded one's not
+    assert row["num_valid_lists"] > 0 and abs(row["loss"] - math.log(2)) > 1e-3
+    start = dict(nnx.to_flat_state(nnx.state(_ours_from(path, adapter)[0])))
+    trained = dict(nnx.to_flat_state(nnx.state(result.model)))
+    q_a = ("language_model", "layers", "self_attn", "q_proj", "lora", "a")
+    assert not np.any(np.asarray(trained[q_a].get_value()[0]))  # layer 0: not in the adapter
+    for key in (q_a, ("multi_modal_projector", "linear_1", "kernel")):
+        moved = np.abs(np.asarray(trained[key].get_value()) - np.asarray(start[key].get_value()))
+        assert moved.max() < 3e-6, key  # one AdamW step of lr 1e-6 from the adapter's values
+
+    out = str(tmp_path / "exported")
+    argv = ["export", "--adapter", "--checkpoint", os.path.join(cfg.train.out_dir, "checkpoints"),
+            "--out"]
+    assert cli.main(argv + [adapter, "--overwrite"]) == 1  # the adapter we trained from
+    assert "PEFT adapter (lora.init_from)" in capsys.readouterr().err
+    assert cli.main(argv + [out]) == 0
+    assert "perpo_processor.json" in os.listdir(out)
+    exported = PeftModel.from_pretrained(_hf(path), out).eval()
+    want = _forward(result.model, *args)
+    assert _max_diff(tiny_hf.hf_logits(exported, ids, pixel_values=pixels), want, None) <= TOL
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["base_model_name_or_path"] \
+        == path
+    assert cli.main(argv + [out]) == 1 and "pass --overwrite" in capsys.readouterr().err
+
+
+def test_export_adapter_needs_a_base_on_disk(tmp_path, monkeypatch, capsys):
+    from perpo_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "checkpoints" / "5" / "train_state").mkdir(parents=True)
+    (tmp_path / "c.yaml").write_text("train: {out_dir: run}\n")
+    assert cli.main(["export", "--adapter", "--checkpoint", "run/checkpoints", "--out", "a",
+                     "--config", "c.yaml"]) == 1
+    assert "model.hf_path: null" in capsys.readouterr().err and not os.path.exists("a")
