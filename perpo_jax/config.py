@@ -475,22 +475,16 @@ def validate(cfg: Config) -> Config:
 
 
 def _validate_init_from(lora: LoraConfig) -> None:
-    """lora.init_from: a local dir holding a PEFT adapter (perpo_jax.hf.peft_adapter reads it)."""
+    """lora.init_from: a local PEFT adapter dir. Its files are checked where it is read
+    (`perpo_jax.hf.peft_adapter.read_adapter_config`, at the start of `train`), not here: a
+    config saved with a run must stay loadable after the adapter dir is gone."""
     path = lora.init_from
     if not lora.enabled:
         raise ConfigError("lora.init_from: set, but lora.enabled=false (an adapter needs LoRA on)")
+    if not path.strip():
+        raise ConfigError("lora.init_from: empty; give a PEFT adapter dir or null")
     if "://" in path:
         raise ConfigError(f"lora.init_from: {path}: needs a local directory (copy the adapter)")
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(f"lora.init_from: {path}: no such directory")
-    if not (folder / "adapter_config.json").is_file():
-        raise ConfigError(f"lora.init_from: {path} has no adapter_config.json (not a PEFT adapter)")
-    if not (folder / "adapter_model.safetensors").is_file():
-        why = ("holds adapter_model.bin: only safetensors are read (peft: save_pretrained(..., "
-               "safe_serialization=True))" if (folder / "adapter_model.bin").exists()
-               else "has no adapter_model.safetensors")
-        raise ConfigError(f"lora.init_from: {path} {why}")
 
 
 def _validate_pref_columns(cfg: Config) -> None:

@@ -24,12 +24,16 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors.numpy import load_file
 
 import tiny_hf
+from tiny_run import tiny_cfg
+
 from perpo_jax.config import ConfigError, LoraConfig, config_from_dict
 from perpo_jax.hf import (AdapterError, load_adapter, load_pretrained, read_config, resolve_lora,
                          save_pretrained)
-from perpo_jax.hf.peft_adapter import HfNames, adapter_sites, canonical_key, in_memory_key
+from perpo_jax.hf.mapping import canonical_key
+from perpo_jax.hf.peft_adapter import HfNames, adapter_sites, in_memory_key
 from perpo_jax.models import LlavaNextConfig
 from perpo_jax.models.lora import apply_lora, lora_slots, merge_lora
+from perpo_jax.train.loop import train
 
 TOL = 1e-4
 PROJECTOR = ["multi_modal_projector"]
@@ -311,10 +315,16 @@ def test_mismatched_config_and_unsupported_adapters_are_clear_errors(llava_base,
     bin_only.mkdir()
     (bin_only / "adapter_config.json").write_text("{}")
     (bin_only / "adapter_model.bin").write_bytes(b"x")
-    with pytest.raises(ConfigError, match=r"lora\.init_from: .* only safetensors"):
-        config_from_dict({"lora": {"init_from": str(bin_only)}})
+    with pytest.raises(AdapterError, match=r"adapter_model\.bin, and only safetensors"):
+        resolve_lora(config_from_dict({"lora": {"init_from": str(bin_only)}}).lora, model)
+    with pytest.raises(AdapterError, match=r"no_dir \(lora\.init_from\): no such directory"):
+        resolve_lora(LoraConfig(init_from=str(tmp_path / "no_dir")), model)
     with pytest.raises(ConfigError, match=r"lora\.init_from: .*lora\.enabled=false"):
         config_from_dict({"lora": {"init_from": adapter, "enabled": False}})
+    cfg = tiny_cfg(tmp_path, "lora.enabled=true", f"lora.init_from={tmp_path / 'no_dir'}")
+    with pytest.raises(AdapterError, match="no such directory"):  # before any data is built
+        train(cfg, progress=False)
+    assert not os.path.exists(tmp_path / "data")
 
 
 @pytest.mark.parametrize("base", ["next"], indirect=True)
@@ -336,8 +346,6 @@ def test_export_refuses_what_peft_cannot_hold(base, tmp_path):
 def run_base(shared, tmp_path_factory) -> str:
     """Our tiny 2-layer LLaVA over the shared dataset's processor, saved as a transformers
     base with the processor files (a model.hf_path to train from)."""
-    from tiny_run import tiny_cfg
-
     from perpo_jax.models.from_config import build_model
 
     _, data = shared
@@ -381,8 +389,6 @@ def test_train_from_a_peft_adapter_and_export_it_back(run_base, tmp_path, capsys
     """lora.init_from: the trainer's policy is PeftModel's, its reference the base; a train
     step starts from the adapter (left-out layer stays exactly 0); `perpo-jax export
     --adapter` of the run loads in peft with the trained model's logits."""
-    from tiny_run import tiny_cfg
-
     from perpo_jax import cli
     from perpo_jax.data.prepare import prepare_data
     from perpo_jax.models import from_config
@@ -408,7 +414,7 @@ def test_train_from_a_peft_adapter_and_export_it_back(run_base, tmp_path, capsys
     assert _max_diff(_forward(trainer.model(), *args), peft_logits, None) <= TOL
     assert _max_diff(_forward(trainer.model(reference=True), *args), base_logits, None) <= TOL
 
-    result = loop.train(cfg, data=data, progress=False)
+    result = train(cfg, data=data, progress=False)
     (row,) = result.history
     # a fresh adapter's first step is exactly log 2 (policy = reference); the loaded one's not
     assert row["num_valid_lists"] > 0 and abs(row["loss"] - math.log(2)) > 1e-3

@@ -267,11 +267,16 @@ def _refuse(where: str, field: str, value, why: str):
 def read_adapter_config(adapter_dir: str) -> dict:
     """adapter_config.json of a PEFT LoRA adapter dir, checked for what this project can load."""
     where = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isdir(adapter_dir):
+        raise AdapterError(f"PEFT adapter dir {adapter_dir} (lora.init_from): no such directory")
+    if not os.path.isfile(where):
+        raise AdapterError(f"{adapter_dir} (lora.init_from): no {ADAPTER_CONFIG}, not a PEFT "
+                           "adapter dir")
     if not os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS)):
         bin_file = os.path.join(adapter_dir, "adapter_model.bin")
-        extra = (" (it has adapter_model.bin: only safetensors are read; load it with peft and "
+        extra = (": it holds adapter_model.bin, and only safetensors are read (peft: "
                  "save_pretrained(..., safe_serialization=True))") if os.path.exists(bin_file) else ""
-        raise AdapterError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}{extra}")
+        raise AdapterError(f"{adapter_dir} (lora.init_from): no {ADAPTER_WEIGHTS}{extra}")
     try:
         with open(where) as f:
             cfg = json.load(f)

@@ -45,7 +45,7 @@ from perpo_jax.config import Config, ConfigError, config_to_dict
 from perpo_jax.data import prepare
 from perpo_jax.data.loader import ShardedLoader, Subset
 from perpo_jax.distributed import process_zero_first
-from perpo_jax.hf.peft_adapter import load_adapter, resolve_lora
+from perpo_jax.hf.peft_adapter import load_adapter, read_adapter_config, resolve_lora
 from perpo_jax.models import from_config
 from perpo_jax.models.config import as_jnp_dtype
 from perpo_jax.models.lora import LoRAParam, apply_lora
@@ -354,6 +354,8 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
     `cfg` when None. stop_at_step: stop after this global step with a checkpoint, exactly as
     a SIGTERM would (for tests and time-boxed jobs).
     """
+    if cfg.lora.enabled and cfg.lora.init_from is not None:
+        read_adapter_config(cfg.lora.init_from)  # a bad adapter dir fails before any data work
     mesh = mesh if mesh is not None else from_config.build_mesh(cfg)
     if data is None:
         # on a pod: process 0 builds, the others reuse its files (shared dir) or build the
