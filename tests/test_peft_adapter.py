@@ -9,9 +9,11 @@ In: adapters made BY peft (`init_lora_weights=False`, changed modules_to_save) -
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import tiny_hf
 from tiny_run import tiny_cfg
@@ -259,7 +261,7 @@ def _ours_from(path, adapter, **lora):
                        layers_to_transform=[1], modules_to_save=PROJECTOR)),
 ], indirect=["base"])
 def test_peft_made_adapter_gives_peft_logits(base, tmp_path, peft_kwargs):
-    _, path = base
+    kind, path = base
     adapter, peft_model = _peft_adapter(path, tmp_path / "adapter", **peft_kwargs)
     ours, cfg = _ours_from(path, adapter)
     r, alpha = peft_kwargs["r"], peft_kwargs["lora_alpha"]
@@ -271,10 +273,48 @@ def test_peft_made_adapter_gives_peft_logits(base, tmp_path, peft_kwargs):
     diff = _max_diff(_forward(ours, *args), _hf_logits(peft_model, kw), mask)
     print(f"[peft] in {peft_kwargs['target_modules']}: max|diff| = {diff:.2e}")
     assert diff <= TOL
+    if kind == "llava":  # the same adapter keyed as transformers 4 wrote LLaVA, and in bf16
+        _check_v4_layout_and_bf16(path, adapter, ours, args, tmp_path)
     if "layers_to_transform" in peft_kwargs:  # a left-out layer: exactly zero A and B
         q = ours.language_model.layers.self_attn.q_proj.lora
         assert not np.any(np.asarray(q.a[0])) and not np.any(np.asarray(q.b[0]))
         assert np.any(np.asarray(q.b[1]))
+
+
+_V4_LLAVA = (("model.language_model.", "language_model.model."),
+             ("lm_head.", "language_model.lm_head."),
+             ("model.vision_tower.", "vision_tower.vision_model."),
+             ("model.multi_modal_projector.", "multi_modal_projector."))
+
+
+def _check_v4_layout_and_bf16(path, adapter, ours, args, tmp_path):
+    """Adapters trained with transformers 4 key LLaVA as `language_model.model.…`,
+    `vision_tower.vision_model.…`: read as the same adapter; bfloat16 files are read too."""
+    tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    v4 = {}
+    for key, value in tensors.items():
+        name = key[len(prefix):]
+        for new, old in _V4_LLAVA:
+            if name.startswith(new):
+                name = old + name[len(new):]
+                break
+        v4[prefix + name] = value
+    assert set(v4) != set(tensors)
+    for name, store in (("v4", v4), ("bf16", {k: v.astype(ml_dtypes.bfloat16)
+                                              for k, v in tensors.items()})):
+        out = tmp_path / name
+        out.mkdir()
+        shutil.copy(os.path.join(adapter, "adapter_config.json"), out)
+        save_file(store, out / "adapter_model.safetensors", metadata={"format": "pt"})
+        again, _ = _ours_from(path, str(out))
+        if name == "v4":
+            assert _max_diff(_forward(again, *args), _forward(ours, *args), None) <= 1e-6
+        else:
+            a = again.language_model.layers.self_attn.q_proj.lora.a[...]
+            want = ours.language_model.layers.self_attn.q_proj.lora.a[...]
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(
+                want.astype(jnp.bfloat16).astype(jnp.float32)))
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -173,10 +173,11 @@ def _number(x: float):
 def _config_dict(*, rank, alpha, dropout, targets, modules_to_save, base, hf_config) -> dict:
     """adapter_config.json with every field peft 0.21.2 writes for a plain LoRA."""
     model_type = hf_config["model_type"]
+    library = f"transformers.models.{model_type}.modeling_{model_type}"
     return {
         "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
         "auto_mapping": {"base_model_class": hf_config["architectures"][0],
-                         "parent_library": f"transformers.models.{model_type}.modeling_{model_type}"},
+                         "parent_library": library},
         "base_model_name_or_path": base, "bias": "none", "corda_config": None,
         "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
@@ -274,8 +275,10 @@ def read_adapter_config(adapter_dir: str) -> dict:
                            "adapter dir")
     if not os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS)):
         bin_file = os.path.join(adapter_dir, "adapter_model.bin")
-        extra = (": it holds adapter_model.bin, and only safetensors are read (peft: "
-                 "save_pretrained(..., safe_serialization=True))") if os.path.exists(bin_file) else ""
+        extra = ""
+        if os.path.exists(bin_file):
+            extra = (": it holds adapter_model.bin, and only safetensors are read (peft: "
+                     "save_pretrained(..., safe_serialization=True))")
         raise AdapterError(f"{adapter_dir} (lora.init_from): no {ADAPTER_WEIGHTS}{extra}")
     try:
         with open(where) as f:
@@ -473,7 +476,9 @@ def _adapter_values(cfg, tensors, names: HfNames, state: dict, where: str) -> di
         if layer is None:
             values[path] = array
         else:  # a layer the adapter leaves out keeps A = B = 0: it adds exactly nothing
-            values.setdefault(path, np.zeros(state[path].get_value().shape, array.dtype))[layer] = array
+            if path not in values:
+                values[path] = np.zeros(state[path].get_value().shape, array.dtype)
+            values[path][layer] = array
 
     for site in adapter_sites(cfg, names, where):
         for which, suffix in (("a", _LORA_SUFFIXES["A"]), ("b", _LORA_SUFFIXES["B"])):
@@ -528,7 +533,8 @@ def load_adapter(model, adapter_dir: str, *, trainable: Sequence[str] | None = N
     new = []
     for path, array in values.items():
         old = state[path].get_value()
-        new.append((path, state[path].replace(jax.device_put(array.astype(old.dtype), old.sharding))))
+        placed = jax.device_put(array.astype(old.dtype), old.sharding)
+        new.append((path, state[path].replace(placed)))
     nnx.update(model, nnx.from_flat_state(new))
     return model
 

@@ -58,7 +58,8 @@ def copy_side_files(source_dir: str, dest: str):
 
 
 def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", source_dir: str | None = None,
-                    adapter: bool = False, trainable=(), base_model_name_or_path: str | None = None):
+                    adapter: bool = False, trainable=(),
+                    base_model_name_or_path: str | None = None):
     """Writes `model` (DecoderLM or LlavaModel) to `out_dir` in transformers-5 format.
 
     Writes config.json (with `architectures`), model.safetensors or shards of at most
