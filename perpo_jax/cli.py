@@ -6,6 +6,7 @@
     perpo-jax convert --from-hf HF_DIR --out CKPT_DIR [--overwrite]      (HF → orbax params)
     perpo-jax convert --to-hf --checkpoint CKPT_DIR --out HF_DIR [--overwrite]
     perpo-jax export  --checkpoint DIR --out HF_DIR [--overwrite]       (LoRA merged first)
+    perpo-jax export  --adapter --checkpoint DIR --out DIR [--overwrite]   (a PEFT adapter)
     perpo-jax train   --config C [overrides...] [--coordinator H:P --num-processes N --process-id I]
     perpo-jax plan    --config C [overrides...] (--tpu v5e-8 | --devices N --hbm-gib G) [--json]
     perpo-jax demo    [--task grounding|ocr] ...
@@ -334,7 +335,15 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    return _to_hf(args, merge=True)
+    if not args.adapter:
+        return _to_hf(args, merge=True)
+    from perpo_jax.peft_export import export_adapter
+
+    check_checkpoint(args.checkpoint)
+    cfg = _run_config(args, args.checkpoint)
+    check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint), args.overwrite)
+    print(f"wrote PEFT adapter {export_adapter(cfg, args.checkpoint, args.out)}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -547,6 +556,9 @@ def _add_export(sub) -> None:
     p.add_argument("--out", metavar="HF_DIR", required=True,
                    help="transformers dir to write (replaced as a whole; see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p.add_argument("--adapter", action="store_true",
+                   help="write the LoRA adapters unmerged as a PEFT adapter dir "
+                   "(adapter_config.json + adapter_model.safetensors; docs/peft.md)")
     p.set_defaults(func=cmd_export)
 
 

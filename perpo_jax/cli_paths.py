@@ -34,7 +34,7 @@ from perpo_jax.write_checks import check_writable
 
 # Config keys holding paths, made absolute against the working directory by `resolve_paths`.
 PATH_KEYS = ("train.out_dir", "checkpoint.dir", "data.data_dir", "data.path", "data.image_dir",
-             "data.tokenizer", "model.hf_path")
+             "data.tokenizer", "model.hf_path", "lora.init_from")
 # Command-line arguments holding paths (same treatment).
 PATH_ARGS = ("config", "checkpoint", "out", "from_hf", "pope_dir", "image_dir")
 # What `train` writes into train.out_dir besides checkpoints/ (perpo_jax.train.loop / run_log /
@@ -197,7 +197,8 @@ def input_paths(cfg: Config) -> list[Guarded]:
             Guarded("data file (data.path)", d.path),
             Guarded("image dir (data.image_dir)", d.image_dir),
             Guarded("tokenizer (data.tokenizer)", d.tokenizer),
-            Guarded("base model (model.hf_path)", cfg.model.hf_path)]
+            Guarded("base model (model.hf_path)", cfg.model.hf_path),
+            Guarded("PEFT adapter (lora.init_from)", cfg.lora.init_from)]
 
 
 def run_paths(cfg: Config) -> list[Guarded]:

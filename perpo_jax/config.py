@@ -67,6 +67,9 @@ class LoraConfig:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: [LLM_LINEARS])  # regexes over module paths
     trainable: list[str] = field(default_factory=list)  # module-path regexes trained fully
+    # a PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors) to start from:
+    # rank / alpha / dropout / targets come from it (docs/peft.md)
+    init_from: str | None = None
 
 
 @dataclass
@@ -466,6 +469,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.lora.init_from is not None:
+        _validate_init_from(cfg.lora)
     if cfg.sampling.temperature < 0:
         raise ConfigError(f"sampling.temperature: must be >= 0, got {cfg.sampling.temperature}")
     if not 0.0 < cfg.sampling.top_p <= 1.0:
@@ -527,6 +532,19 @@ def _validate_loggers(train: TrainConfig) -> None:
         value = getattr(train, key)
         if value is not None and not value.strip():
             raise ConfigError(f"train.{key}: empty; give a name or null (W&B's default)")
+
+
+def _validate_init_from(lora: LoraConfig) -> None:
+    """lora.init_from: a local PEFT adapter dir. Its files are checked where it is read
+    (`perpo_jax.hf.peft_adapter.read_adapter_config`, at the start of `train`), not here: a
+    config saved with a run must stay loadable after the adapter dir is gone."""
+    path = lora.init_from
+    if not lora.enabled:
+        raise ConfigError("lora.init_from: set, but lora.enabled=false (an adapter needs LoRA on)")
+    if not path.strip():
+        raise ConfigError("lora.init_from: empty; give a PEFT adapter dir or null")
+    if "://" in path:
+        raise ConfigError(f"lora.init_from: {path}: needs a local directory (copy the adapter)")
 
 
 def _validate_pref_columns(cfg: Config) -> None:

@@ -32,6 +32,7 @@ from perpo_jax.checkpoint import (STATE_ITEM, Checkpointer, is_storage_error,
 from perpo_jax.config import Config
 from perpo_jax.hf import CheckpointError, read_config
 from perpo_jax.hf.config_map import config_to_hf
+from perpo_jax.hf.peft_adapter import resolve_lora
 from perpo_jax.hf.save import copy_side_files
 from perpo_jax.mesh import make_mesh, state_shardings
 from perpo_jax.models import build_model as new_model
@@ -147,8 +148,9 @@ def model_from_checkpoint(cfg: Config, path: str, mesh, processor, *, merge_lora
         model = _restore_converted(cfg, path, mesh)
     else:
         model = build_model(cfg, mesh, processor)
-        if cfg.lora.enabled:
-            place_on_mesh(apply_lora(model, cfg.lora, nnx.Rngs(cfg.train.seed)), mesh)
+        if cfg.lora.enabled:  # lora.init_from: the adapter's rank / targets (values: below)
+            lora = resolve_lora(cfg.lora, model)
+            place_on_mesh(apply_lora(model, lora, nnx.Rngs(cfg.train.seed)), mesh)
         trainable = nnx.state(model, trainable_filter(cfg.lora))
         nnx.update(model, _restore_trained(path, trainable, mesh))
         if merge_lora and cfg.lora.enabled:

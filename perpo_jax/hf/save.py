@@ -19,6 +19,7 @@ from perpo_jax.atomic import atomic_dir, is_url
 from perpo_jax.hf.config_map import config_to_hf
 from perpo_jax.hf.errors import CheckpointError
 from perpo_jax.hf.mapping import entries_for, hf_shape, layer_shape, to_hf
+from perpo_jax.hf.peft_adapter import write_adapter
 from perpo_jax.hf.safetensors_io import (
     INDEX_FILE,
     nbytes,
@@ -56,14 +57,29 @@ def copy_side_files(source_dir: str, dest: str):
         shutil.copy2(src, os.path.join(dest, name))
 
 
-def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", source_dir: str | None = None):
+def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", source_dir: str | None = None,
+                    adapter: bool = False, trainable=(),
+                    base_model_name_or_path: str | None = None):
     """Writes `model` (DecoderLM or LlavaModel) to `out_dir` in transformers-5 format.
 
     Writes config.json (with `architectures`), model.safetensors or shards of at most
     `max_shard_size` (bytes or "5GB"/"200MB") plus model.safetensors.index.json, and copies
     tokenizer/processor files from `source_dir` when given. LoRA parameters are never
     written; a Linear with an unmerged adapter raises CheckpointError.
+
+    adapter=True writes the LoRA adapters instead, as a PEFT adapter dir (adapter_config.json +
+    adapter_model.safetensors, `perpo_jax.hf.peft_adapter`): `trainable` (lora.trainable
+    regexes) picks the fully trained modules saved as `modules_to_save`, and
+    `base_model_name_or_path` is what PEFT records as the base; side files as above.
     """
+    if adapter:
+        out_dir = out_dir if is_url(out_dir) else os.path.abspath(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            write_adapter(model, tmp, trainable=trainable,
+                          base_model_name_or_path=base_model_name_or_path)
+            if source_dir is not None:
+                copy_side_files(source_dir, tmp)
+        return out_dir
     _check_no_lora(model)
     config = model.config
     hf_config = config_to_hf(config)

@@ -50,6 +50,7 @@ from perpo_jax.config import Config, ConfigError, config_to_dict
 from perpo_jax.data import prepare
 from perpo_jax.data.loader import ShardedLoader, Subset
 from perpo_jax.distributed import process_zero_first
+from perpo_jax.hf.peft_adapter import load_adapter, read_adapter_config, resolve_lora
 from perpo_jax.models import from_config
 from perpo_jax.models.config import as_jnp_dtype
 from perpo_jax.models.lora import LoRAParam, apply_lora
@@ -203,16 +204,26 @@ class _Trainer:
     def __init__(self, cfg: Config, data, model, mesh, plan: _Plan):
         self.cfg, self.data, self.mesh, self.plan = cfg, data, mesh, plan
         lora_cfg = cfg.lora if cfg.lora.enabled else None
+        base_reference = None
         if lora_cfg is not None:
             if jax.tree.leaves(nnx.state(model, LoRAParam)):
                 raise ValueError("train(model=...) got a model that already has LoRA adapters: merge "
                                  "them (models.lora.merge_lora) so the reference is that model")
+            lora_apply = resolve_lora(cfg.lora, model)  # lora.init_from: the adapter's r, alpha...
             # the official trainer runs with disable_dropout=True: LoRA's dropout is 0 too
-            lora_apply = (dataclasses.replace(cfg.lora, dropout=0.0)
-                          if cfg.train.disable_dropout else cfg.lora)
+            if cfg.train.disable_dropout:
+                lora_apply = dataclasses.replace(lora_apply, dropout=0.0)
             apply_lora(model, lora_apply, nnx.Rngs(cfg.train.seed),
                        param_dtype=as_jnp_dtype(cfg.model.param_dtype))
-        self.parts = with_storage_dtypes(partition_model(model, lora_cfg),
+            if cfg.lora.init_from is not None:
+                # the reference stays the base model (PEFT's adapter disabled): the trainable
+                # modules' own values, taken before the adapter's modules_to_save replace them
+                base_reference = partition_model(model, lora_cfg).reference
+                load_adapter(model, cfg.lora.init_from, trainable=cfg.lora.trainable)
+        parts = partition_model(model, lora_cfg)
+        if base_reference is not None:
+            parts = parts._replace(reference=base_reference)
+        self.parts = with_storage_dtypes(parts,
                                          frozen_dtype=as_jnp_dtype(cfg.model.dtype),
                                          trainable_dtype=as_jnp_dtype(cfg.model.param_dtype))
         optimizer, schedule = make_optimizer(cfg.optim, self.plan.total_steps)
@@ -373,6 +384,8 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
     before any work.
     """
     require_loggers(cfg.train.loggers)  # a missing wandb fails now, not after the data is built
+    if cfg.lora.enabled and cfg.lora.init_from is not None:
+        read_adapter_config(cfg.lora.init_from)  # a bad adapter dir fails before any data work
     with RunLock(cfg.train.out_dir, process_index=jax.process_index()) as lock:
         if lock.stale_pid and jax.process_index() == 0:
             print(f"[train] {lock.path}: took over the lock of a run that is gone "
