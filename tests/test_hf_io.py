@@ -271,6 +271,13 @@ def test_bfloat16_load_and_export(llava_dir, tmp_path):
     back, info = tf.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert back.dtype == torch.bfloat16
+    # the BF16 tensors on disk read back (numpy knows bfloat16 through ml_dtypes) bit for bit
+    again = load_pretrained(out, dtype=jnp.bfloat16)
+    a = again.language_model.layers.mlp.up_proj.kernel[...]
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(model.language_model.layers.mlp.up_proj.kernel[...],
+                                             np.float32))
 
 
 # ----------------------------------------------------------------------------- configs

@@ -420,19 +420,10 @@ def resolve_lora(lora_cfg: LoraConfig, model) -> LoraConfig:
 
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as numpy (bfloat16 via ml_dtypes)."""
+    """Every tensor of a safetensors file as numpy (bfloat16 as ml_dtypes': safetensors_io)."""
     try:
-        out, bf16 = {}, []
         with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                if f.get_slice(key).get_dtype() == "BF16":
-                    bf16.append(key)  # numpy has no bfloat16: read below as a jax array
-                else:
-                    out[key] = f.get_tensor(key)
-        if bf16:
-            with safe_open(path, framework="flax") as f:
-                out.update({key: np.asarray(f.get_tensor(key)) for key in bf16})
-        return out
+            return {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:  # safetensors raises its own error type for corrupt files
         raise AdapterError(f"{path}: not a readable safetensors file: {e}") from e
 

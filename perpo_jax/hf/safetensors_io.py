@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy: safetensors reads BF16 files
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
