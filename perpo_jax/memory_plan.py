@@ -43,14 +43,15 @@ from perpo_jax.hf.load import read_config
 from perpo_jax.mesh import MESH_AXES, logical_sharding, make_mesh, state_shardings
 from perpo_jax.models import build_model, tiny_llava_config
 from perpo_jax.models.config import as_jnp_dtype
-from perpo_jax.models.from_config import DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs
+from perpo_jax.models.from_config import (DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs,
+                                          with_model_settings)
 from perpo_jax.models.lora import LoRAParam, apply_lora, trainable_filter
 from perpo_jax.train import rounds
 from perpo_jax.train.loop import step_batch_lists
 from perpo_jax.train.optim import make_optimizer
 from perpo_jax.train.state import (TrainState, init_train_state, reference_state,
                                    train_state_shardings)
-from perpo_jax.train.step import build_ref_logps, build_train_step
+from perpo_jax.train.step import build_ref_logps, build_train_step, uses_reference
 
 GIB = 1024 ** 3
 PROMPT_TEXT_TOKENS = 64  # question + template around the image tokens (plan's default)
@@ -71,7 +72,7 @@ def model_config(cfg: Config, vocab_size: int | None = None):
         kwargs["image_size"] = tiny_geometry(cfg)[0]
         config = tiny_llava_config(vocab, dtype=cfg.model.dtype,
                                    param_dtype=cfg.model.param_dtype, **kwargs)
-    return config.replace(text=config.text.replace(remat=cfg.model.remat))
+    return with_model_settings(cfg, config)
 
 
 def _count(state) -> int:
@@ -150,7 +151,7 @@ def batch_shape(cfg: Config, config, mesh_dims, prompt_length: int | None = None
              "response_mask": s((lists, k, r), jnp.bool_),
              "rewards": s((lists, k), jnp.float32), "list_mask": s((lists, k), jnp.bool_),
              "target_ids": s((lists, r), jnp.int32), "target_mask": s((lists, r), jnp.bool_)}
-    if cfg.loss.name != "sft" and cfg.train.precompute_ref:
+    if uses_reference(cfg.loss.name) and cfg.train.precompute_ref:
         batch["ref_logps"] = s((lists, k), jnp.float32)
     return batch
 
@@ -223,7 +224,7 @@ def _step_programs(cfg: Config, parts, state, batch: dict, mesh):
                             optimizer=optimizer, schedule=schedule, mesh=mesh,
                             grad_accum=cfg.optim.grad_accum, shared_prefix=cfg.train.shared_prefix)
     yield "train_step", step.lower(state, frozen, reference, batch), None
-    if cfg.loss.name != "sft" and cfg.train.precompute_ref:
+    if uses_reference(cfg.loss.name) and cfg.train.precompute_ref:
         ref = build_ref_logps(graphdef, params, frozen, reference, mesh=mesh,
                               shared_prefix=cfg.train.shared_prefix)
         ref_batch = {k: v for k, v in batch.items() if k != "ref_logps"}

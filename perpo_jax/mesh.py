@@ -10,6 +10,7 @@ checkpoints need.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -146,6 +147,21 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
         return logical_sharding(axes, shape, mesh, rules)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def traced_under_mesh(fn, mesh: Mesh | None):
+    """fn traced with `mesh` as the abstract mesh (None: fn itself). Fused attention kernels
+    (models/attention_kernels.py) read from it the target devices' platform (a CPU host may
+    compile for TPU) and the axes their shard_map splits over."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)  # keeps fn's signature: XLA's buffer names say `frozen[...]`, not args[1]
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from perpo_jax.mesh import logical_sharding
+from perpo_jax.mesh import logical_sharding, traced_under_mesh
 from perpo_jax.scoring import IMAGE_KEYS, embed_prompts
 
 
@@ -253,14 +253,15 @@ def prefill_program(graphdef: nnx.GraphDef, spec: SamplerSpec):
     """jax.jit of the sampler's part before its loop, on its own (to compile and measure it:
     `perpo-jax plan`): (state, prompt_ids, prompt_mask, images, keys, temperature, top_p)
     → (PrefixKV, prompt_len, carry), the very `_start` that `_generate` runs."""
-    return jax.jit(functools.partial(_prefill_alone, graphdef, spec))
+    return jax.jit(traced_under_mesh(functools.partial(_prefill_alone, graphdef, spec), spec.mesh))
 
 
 def decode_step_program(graphdef: nnx.GraphDef, spec: SamplerSpec):
     """jax.jit of ONE decode-loop iteration (`_decode_step`, as `_generate`'s loop body):
     (state, prefix, prompt_len, keys, temperature, top_p, carry) → carry. The carry is
     donated, as the loop updates its cache and tokens in place."""
-    return jax.jit(functools.partial(_decode_step_alone, graphdef, spec), donate_argnums=(6,))
+    return jax.jit(traced_under_mesh(functools.partial(_decode_step_alone, graphdef, spec),
+                                     spec.mesh), donate_argnums=(6,))
 
 
 @functools.lru_cache(maxsize=32)
@@ -270,7 +271,7 @@ def compiled_sampler(graphdef: nnx.GraphDef, spec: SamplerSpec):
     Cached per (graphdef, spec); `jax.jit` then caches one executable per input shape, so a
     (B, P, K, R) shape is traced and compiled once.
     """
-    return jax.jit(functools.partial(_generate, graphdef, spec))
+    return jax.jit(traced_under_mesh(functools.partial(_generate, graphdef, spec), spec.mesh))
 
 
 def _check_batch(prompts_batch: dict, num_samples: int, max_new_tokens: int) -> None:

@@ -170,8 +170,10 @@ def np_batch_reference_free(name, pol, lengths, rew, mask, **kw):
             per_list.append((np_orpo_list(m, r, kw["lam"]), m, r))
     if name == "simpo":
         return np_reduce(per_list, lambda m: [kw["beta"] * x for x in m])
-    return np_reduce(per_list, lambda m: [np_log_odds(x) for x in m],
-                     lambda m, best: {"nll": -m[best]})
+    loss, metrics = np_reduce(per_list, lambda m: [np_log_odds(x) for x in m],
+                              lambda m, best: {"nll": -m[best]})
+    metrics.setdefault("nll", 0.0)  # a batch with no valid list: every metric is 0
+    return loss, metrics
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -71,8 +71,9 @@ def check_model_processor(model_config, processor) -> None:
             f"({len(tokenizer)} tokens)")
 
 
-def _remat_config(cfg: Config, model_config):
-    """A LlavaConfig with `model.remat` and `model.attention` applied to its decoder."""
+def with_model_settings(cfg: Config, model_config):
+    """A LlavaConfig with `model.remat` and `model.attention` applied to its decoder (the run's
+    settings over what config.json or the tiny spec says)."""
     return model_config.replace(text=model_config.text.replace(
         remat=cfg.model.remat, attention=cfg.model.attention))
 
@@ -86,7 +87,7 @@ def tiny_model_config(cfg: Config, processor):
     config = tiny_llava_config(len(processor.tokenizer), image_token_id=processor.image_token_id,
                                dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                                **kwargs)
-    return _remat_config(cfg, config)
+    return with_model_settings(cfg, config)
 
 
 def place_on_mesh(model, mesh):
@@ -105,7 +106,7 @@ def build_model(cfg: Config, mesh, processor):
     if cfg.model.hf_path is not None:
         model = load_pretrained(cfg.model.hf_path, dtype=as_jnp_dtype(cfg.model.dtype), mesh=mesh)
         # the decoder reads config.remat / .attention at call time; HF configs give defaults
-        model.config = _remat_config(cfg, model.config)
+        model.config = with_model_settings(cfg, model.config)
         model.language_model.config = model.config.text
         check_model_processor(model.config, processor)
         return model

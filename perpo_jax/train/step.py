@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from perpo_jax.losses import LOSSES, REFERENCE_FREE_LOSSES
-from perpo_jax.mesh import batch_sharding, state_shardings
+from perpo_jax.mesh import batch_sharding, state_shardings, traced_under_mesh
 from perpo_jax.scoring import list_logprobs, response_token_logps
 from perpo_jax.train.state import TrainState, reference_state, train_state_shardings
 
@@ -276,18 +276,6 @@ def train_step(state: TrainState, frozen, reference, batch, *, graphdef, loss_cf
         applied=ok.astype(jnp.int32),
     )
     return new_state, metrics
-
-
-def traced_under_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """fn traced with `mesh` as the abstract mesh: fused attention kernels
-    (models/attention_kernels.py) read from it the target devices' platform (a CPU host may
-    compile for TPU) and the axes their shard_map splits over."""
-
-    def traced(*args):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args)
-
-    return traced
 
 
 def build_train_step(graphdef, state, frozen, reference, *, loss_cfg, optimizer, schedule,
