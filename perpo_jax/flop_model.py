@@ -1,6 +1,6 @@
 """Analytic FLOP model of our LLaVA programs: list scoring, the train step, the sampler.
 
-Pure Python (no jax import): `bench/` and `plan` report it beside XLA's own count. Why a
+Pure Python (no jax import), for reports beside XLA's own count (`bench/`). Why a
 model at all: the towers run under `jax.lax.scan`, and XLA's `cost_analysis()` counts a
 loop body ONCE (the 7B v4-8 train step reports 3.1e12 flops per chip scanned vs 7.7e13
 unrolled), so compiled flops no longer stand for the work; nor do they for the sampler,
@@ -9,21 +9,22 @@ whose decode loop is a `while_loop`.
 Counted: 2 FLOPs per multiply-add of every matrix product (linears, LoRA's A and B, the
 attention scores and weighted values, lm_head, the vision patch conv). Not counted: the
 elementwise work (norms, activations, softmax, RoPE, the optimizer update), which XLA's
-count includes (1-3 % more at toy width, less at real width).
+count includes (measured 1-5 % more at toy width, less at real width).
 
 Two counts of the same program (`executed=`):
 
 - model FLOPs (`executed=False`, the default; what MFU divides): causal attention counts
   only the keys a query may see; every response token of a list goes through the decoder and
   has its logits computed (K·R positions per list), as tokens/s counts them; a reference
-  forward counts without LoRA (its adapters are zero); remat's recomputed forward is NOT
+  forward in the step counts without LoRA (its adapters are zero) and without the frozen
+  vision tower's pass, whose features are the policy's; remat's recomputed forward is NOT
   counted (MFU, not HFU: the PaLM paper's convention).
 - executed FLOPs (`executed=True`): what this package's programs run, to compare with XLA:
   attention scores every key slot of a segment (our masked dense attention; a causal prefill
   of more than 2 · CAUSAL_BLOCK tokens runs query blocks that skip the keys past each block);
   the shared path runs K·(R-1) candidate tokens (the last one predicts nothing) and computes
   the first response token's logits once per list; a decode step scores the whole cache;
-  remat's recompute of the decoder forward is added.
+  remat's recompute of the decoder forward is added (an estimate, see `_remat_recompute`).
 
 Dimensions are a dict (`model_dims` builds it from a config; `PAPER_DIMS` is LLaVA-1.5-7B):
 d, q (= heads · head_dim), kv (= kv heads · head_dim), inter, layers, vocab of the decoder;
