@@ -47,10 +47,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's perpo_jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, however run
 from timing import cpu_cores, log, machine_info, time_interleaved  # noqa: E402
 from torch_process import TorchStepProcess  # noqa: E402
 
+from perpo_jax.flop_model import PAPER_DIMS, forward_flops, forward_report, model_dims  # noqa: E402
 from perpo_jax.host_memory import keep_host_memory  # noqa: E402
 
 BETA, GAMMA = 0.1, 0.5  # the paper's PerPO hyper-parameters
@@ -247,65 +249,12 @@ def make_batch(cfg, args):
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def forward_flops(dims: dict, *, shared: bool, logits_everywhere: bool = False) -> float:
-    """Forward FLOPs (2 per multiply-add) of scoring ONE list of K candidates.
-
-    Decoder, per token and layer: linears 2·(d·q + 2·d·kv + q·d + 3·d·I) (q, k, v, o, gate,
-    up, down) plus attention 4·c·q for a token that sees c keys (scores + weighted values).
-    A causal run of n tokens after c0 already-cached keys sees c0 + 1 .. c0 + n keys:
-    attention 4·q·(n·c0 + n(n+1)/2). lm_head 2·d·V per scored position (R per candidate;
-    with `logits_everywhere` at every position, as the naive implementations — ours and
-    transformers' — actually do). Vision, per tile (`tiles` of them: 1 for LLaVA-1.5, the
-    anyres base + grid tiles for NeXT): patch conv + the layers up to the feature layer over
-    N tokens (linears + 4·N²·dv attention) + the 2-layer projector per tile feature. With
-    anyres the prompt P holds the packed image tokens (base + unpadded grid + newlines).
-
-        naive  = K · (vision + decoder(P + R tokens from 0)        + head)
-        shared =      vision + decoder(P tokens from 0) + K · decoder(R tokens after P) + K · head
-
-    The backward pass costs ~2x the forward of the same matmuls on both paths, so the ratio
-    of these forward counts is the FLOP bound on the training-step speed-up. At the paper's
-    shape (LLaVA-1.5-7B) attention and vision are small next to the linears and the ratio is
-    ≈ token ratio K(P+R) / (P + K·R) = 20·640 / 1096 ≈ 11.7.
-    """
-    d, q, kv, inter, layers, vocab = (dims[n] for n in ("d", "q", "kv", "inter", "layers", "vocab"))
-    p, r, k = dims["prompt"], dims["response"], dims["candidates"]
-    lin = 2 * (d * q + 2 * d * kv + q * d + 3 * d * inter)
-
-    def decoder(n, c0=0):
-        return layers * (n * lin + 4 * q * (n * c0 + n * (n + 1) / 2))
-
-    dv, iv, nv, feats = dims["vision_d"], dims["vision_inter"], dims["vision_tokens"], dims["tile_features"]
-    vision = dims["tiles"] * (
-        2 * dims["patches"] * dims["patch_in"] * dv
-        + dims["vision_layers"] * (nv * 2 * (4 * dv * dv + 2 * dv * iv) + 4 * nv * nv * dv)
-        + 2 * feats * (dv * d + d * d))
-    if shared:
-        return vision + decoder(p) + k * decoder(r, p) + k * r * 2 * d * vocab
-    head_positions = (p + r) if logits_everywhere else r
-    return k * (vision + decoder(p + r) + head_positions * 2 * d * vocab)
-
-
 def flop_dims(cfg, args) -> dict:
-    """`forward_flops` dimensions of our config (vision layers counted up to the feature layer;
-    with --anyres the tower runs every tile and the prompt holds the packed image tokens)."""
-    t, v = cfg.text, cfg.vision
-    used_layers = max(i % (v.num_layers + 1) for i in cfg.feature_layers)
-    return dict(
-        d=t.hidden_size, q=t.num_heads * t.head_dim, kv=t.num_kv_heads * t.head_dim,
-        inter=t.intermediate_size, layers=t.num_layers, vocab=t.vocab_size,
-        prompt=image_tokens(cfg, args) + args.prompt_text, response=args.response_len,
-        candidates=args.candidates, vision_d=v.hidden_size, vision_inter=v.intermediate_size,
-        vision_tokens=v.num_positions, patches=v.num_patches,
-        patch_in=v.num_channels * v.patch_size ** 2, vision_layers=used_layers,
-        tiles=image_tiles(cfg, args), tile_features=cfg.num_image_tokens,
-    )
-
-
-# LLaVA-1.5-7B (Vicuna-7B + CLIP ViT-L/14-336, feature layer -2), the paper's list shape.
-PAPER_DIMS = dict(d=4096, q=4096, kv=4096, inter=11008, layers=32, vocab=32000, prompt=616,
-                  response=24, candidates=20, vision_d=1024, vision_inter=4096, vision_tokens=577,
-                  patches=576, patch_in=3 * 14 * 14, vision_layers=23, tiles=1, tile_features=576)
+    """`perpo_jax.flop_model` dimensions of our config at this run's list shape (with
+    --anyres the tower runs every tile and the prompt holds the packed image tokens)."""
+    return model_dims(cfg, prompt=image_tokens(cfg, args) + args.prompt_text,
+                      response=args.response_len, candidates=args.candidates,
+                      tiles=image_tiles(cfg, args))
 
 
 def next_7b_dims(args) -> dict:
@@ -320,21 +269,6 @@ def next_7b_dims(args) -> dict:
     n_img = anyres.image_token_count(h, w, pins, 336, 24)
     return dict(PAPER_DIMS, prompt=n_img + args.prompt_text, response=args.response_len,
                 candidates=args.candidates, tiles=anyres.max_tiles(pins, 336))
-
-
-def flop_report(dims: dict) -> dict:
-    naive = forward_flops(dims, shared=False)
-    shared = forward_flops(dims, shared=True)
-    naive_impl = forward_flops(dims, shared=False, logits_everywhere=True)
-    p, r, k = dims["prompt"], dims["response"], dims["candidates"]
-    return {
-        "naive_forward_gflop": round(naive / 1e9, 3),
-        "shared_forward_gflop": round(shared / 1e9, 3),
-        "ratio": round(naive / shared, 3),
-        # the naive implementations compute logits at every position of every copy
-        "ratio_with_naive_logits_everywhere": round(naive_impl / shared, 3),
-        "token_ratio": round(k * (p + r) / (p + k * r), 3),
-    }
 
 
 # ----------------------------------------------------------------------------- ours (JAX)
@@ -529,7 +463,7 @@ def run_and_report(cfg, args, ours, torch_step) -> dict:
     ours_logps = np.asarray(ours["ref_logps_shared"])[0]
     ours_naive_logps = np.asarray(ours["ref_logps_naive"])[0]
     last = {name: v["last_metrics"] for name, v in ours["variants"].items()}
-    flops = flop_report(flop_dims(cfg, args))
+    flops = forward_report(flop_dims(cfg, args))
     vs_torch = speedup("torch_naive", "ours_shared")
     result = {
         "machine": dict(machine_info(), num_devices_used=1,
@@ -561,8 +495,8 @@ def run_and_report(cfg, args, ours, torch_step) -> dict:
         "xla_flops": {f"ours_{n}": v["xla_flops"] for n, v in ours["variants"].items()},
         "achieved_gflop_per_s": achieved_gflops(flop_dims(cfg, args), times),
         "timings": times,
-        "flops": {"this_config": flops, "paper_llava_1_5_7b": flop_report(PAPER_DIMS),
-                  **({"llava_next_7b_anyres": flop_report(next_7b_dims(args))}
+        "flops": {"this_config": flops, "paper_llava_1_5_7b": forward_report(PAPER_DIMS),
+                  **({"llava_next_7b_anyres": forward_report(next_7b_dims(args))}
                      if is_anyres(args) else {})},
         # same weights, optimizer and batch: the three losses after the same steps must agree
         "last_loss": {**{f"ours_{n}": float(m["loss"]) for n, m in last.items()},

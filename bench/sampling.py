@@ -36,8 +36,10 @@ import tempfile
 BENCH = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # run from a checkout
 sys.path.insert(0, str(BENCH))
-import list_step  # noqa: E402  (model config and FLOP model are shared)
+import list_step  # noqa: E402  (the model config is shared)
 from timing import cpu_cores, machine_info, time_interleaved  # noqa: E402
+
+from perpo_jax.flop_model import PAPER_DIMS, forward_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -165,8 +167,8 @@ def main(argv=None):
             hf = transformers.LlavaForConditionalGeneration.from_pretrained(
                 model_dir, dtype=torch.float32).eval()
     tokens = args.batch * args.samples * args.new_tokens
-    flops = list_step.flop_report(list_step.flop_dims(cfg, args))
-    paper = list_step.flop_report(list_step.PAPER_DIMS)
+    flops = forward_report(list_step.flop_dims(cfg, args))
+    paper = forward_report(PAPER_DIMS)
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("candidates", "response_len")},
               "prompt_tokens": int(ids.shape[1]), "generated_tokens_per_call": tokens,
               "flop_bound": flops["ratio"], "flop_bound_paper_llava_1_5_7b": paper["ratio"],
