@@ -165,9 +165,9 @@ def compile_stats(lowered, *, platform: str, top: int = 8):
     returns (stats dict, Compiled or None).
 
     stats: fits, compiler_error, compile_seconds, peak_bytes and the `MEMORY_FIELDS` as
-    `<field>_bytes` (per device), flops (per device), host_peak_rss_bytes (this process's
-    high-water mark after the compile), largest_buffers (see `largest_buffers`). Any other
-    compile failure is raised.
+    `<field>_bytes` (per device), xla_flops (per device, XLA's count: a loop body once),
+    host_peak_rss_bytes (this process's high-water mark after the compile), largest_buffers
+    (see `largest_buffers`). Any other compile failure is raised.
     """
     with tempfile.TemporaryDirectory(prefix="perpo_jax_xla_") as dump:
         t0 = time.perf_counter()
@@ -191,5 +191,5 @@ def compile_stats(lowered, *, platform: str, top: int = 8):
               + stats["temp_bytes"])
     peak = getattr(memory, "peak_memory_in_bytes", None)
     stats["peak_bytes"] = int(peak) if platform == "tpu" and peak else summed
-    stats["flops"] = _flops(compiled)
+    stats["xla_flops"] = _flops(compiled)  # a scanned loop body counted once: see memory_plan.model_flops
     return stats, compiled

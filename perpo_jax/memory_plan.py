@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-from perpo_jax import sampling, tpu_topology
+from perpo_jax import flop_model, sampling, tpu_topology
 from perpo_jax.compile_stats import compile_stats
 from perpo_jax.config import Config, ConfigError
 from perpo_jax.data.batching import bucketed
@@ -274,6 +274,30 @@ def _decode_args(prefill_args, prefill_compiled, prefill_lowered, mesh):
     return state, prefix, prompt_len, keys, temperature, top_p, carry
 
 
+def model_flops(cfg: Config, config, batch: dict) -> dict:
+    """{program: FLOPs it executes, whole slice} from `flop_model`: XLA's `cost_analysis()`
+    counts a scanned loop body once (the layers are a scan), so its flops undercount the
+    step ~L-fold and stand for nothing."""
+    lists, k, r = batch["response_ids"].shape
+    dims = flop_model.model_dims(config, prompt=batch["prompt_ids"].shape[1], response=r,
+                                 candidates=k)
+    shared, lora = cfg.train.shared_prefix, cfg.lora.rank if cfg.lora.enabled else 0
+    step = flop_model.train_step_flops(
+        dims, lists=lists, shared=shared, train="lora" if lora else "full", lora_rank=lora,
+        train_projector=bool(cfg.lora.trainable), remat=cfg.model.remat, executed=True,
+        reference_in_step=uses_reference(cfg.loss.name) and not cfg.train.precompute_ref)
+    out = {"train_step": step["total"],
+           "ref_logps": lists * flop_model.forward_flops(dims, shared=shared, executed=True)}
+    if rounds.uses_sampling(cfg):
+        prompts, samples = cfg.sampling.prompts_per_round, cfg.sampling.num_samples
+        sample = flop_model.sampler_flops(dims, prompts=prompts, samples=samples,
+                                          new_tokens=cfg.sampling.max_new_tokens,
+                                          lora_rank=lora, executed=True)
+        out["prefill"] = sample["prefill"]
+        out["decode_step"] = (sample["decode_per_token"] or 0.0) * prompts * samples
+    return out
+
+
 def _program_entry(stats: dict, beside: int, hbm_bytes: float) -> dict:
     entry = dict(stats, beside_bytes=beside)
     if entry["fits"]:
@@ -398,6 +422,9 @@ def memory_plan(cfg: Config, *, devices: int | None = None, hbm_gib: float | Non
     mesh = make_mesh(cfg.mesh.shape, devices=devs)
     programs = compile_round(cfg, config, parts, batch, mesh, platform=devs[0].platform,
                              hbm_bytes=hbm_gib * GIB, progress=progress)
+    for name, flops in model_flops(cfg, config, batch).items():
+        if name in programs:
+            programs[name]["model_flops_per_chip"] = flops / count
     peaks = [p["peak_bytes"] + p["beside_bytes"] for p in programs.values() if "peak_bytes" in p]
     errors = [f"{name}: {p['compiler_error']}" for name, p in programs.items()
               if p["compiler_error"]]
@@ -434,7 +461,9 @@ def program_line(name: str, p: dict) -> str:
     if p["compiler_error"]:
         return (f"{name}: does NOT fit ({p['compile_seconds']:.1f} s): "
                 f"{p['compiler_error'].splitlines()[0]}")
-    flops = f", {p['flops']:.3g} flops" if p.get("flops") is not None else ""
+    flops = ""
+    if p.get("model_flops_per_chip") is not None:  # XLA's own count sees one layer of a scan
+        flops = f", {p['model_flops_per_chip']:.3g} flops per chip"
     beside = f" + {_gib(p['beside_bytes'])} resident beside" if p["beside_bytes"] else ""
     return (f"{name}: peak {_gib(p['peak_bytes'])}{beside} (arguments "
             f"{_gib(p['argument_bytes'])}, temporaries {_gib(p['temp_bytes'])}){flops}, "

@@ -79,9 +79,10 @@ def test_v5e_8_round_compiles_and_fits_with_the_json_keys(v5e8, capsys):
     assert set(plan["programs"]) == {"train_step"}
     for program in plan["programs"].values():
         assert {"fits", "compiler_error", "compile_seconds", "peak_bytes", "argument_bytes",
-                "output_bytes", "alias_bytes", "temp_bytes", "flops", "host_peak_rss_bytes",
+                "output_bytes", "alias_bytes", "temp_bytes", "xla_flops", "host_peak_rss_bytes",
                 "beside_bytes", "largest_buffers"} <= set(program)
-        assert program["fits"] and program["flops"] > 0 and program["peak_bytes"] > 0
+        assert program["fits"] and program["xla_flops"] > 0 and program["peak_bytes"] > 0
+        assert program["model_flops_per_chip"] > 0
     # the 2 lists are padded with empty ones to one per fsdp device, as the trainer pads them
     assert plan["list_shape"]["lists_per_step"] == 8
     # donated train state: its outputs reuse its arguments' buffers
@@ -137,7 +138,7 @@ def test_v4_8_online_round_compiles_prefill_and_one_decode_step(tiny_dir):
     assert set(plan["programs"]) == {"train_step", "prefill", "decode_step"} and plan["fits"]
     prefill, decode = plan["programs"]["prefill"], plan["programs"]["decode_step"]
     # one decode step computes one token per sample; prefill the whole [B, P] prompt
-    assert 0 < decode["flops"] < prefill["flops"]
+    assert 0 < decode["model_flops_per_chip"] < prefill["model_flops_per_chip"]
     # the decode step reads the weights and the KV caches of the 1 layer: the samples' k and v
     # [B, K, R, kv_heads, head_dim] float32 and the prompt's [B, P, kv_heads, head_dim], the
     # batch of 8 prompts over fsdp = 4 (plain LoRA: no reference copy in base_params)
