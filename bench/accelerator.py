@@ -292,8 +292,9 @@ def sample_runner(run: dict, cfg: LlavaConfig, batch: dict, args, mesh):
 def utilisation(flops: float, seconds: float, devices: int, peak: dict | None) -> dict:
     achieved = flops / seconds
     mfu = None if peak is None else achieved / (devices * peak["peak_bf16_dense_tflops"] * 1e12)
-    return {"achieved_tflop_per_s": round(achieved / 1e12, 6),
-            "mfu": None if mfu is None else round(mfu, 4)}
+    # significant digits, not decimals: a tiny CPU run achieves ~1e-4 TFLOP/s
+    return {"achieved_tflop_per_s": float(f"{achieved / 1e12:.6g}"),
+            "mfu": None if mfu is None else float(f"{mfu:.4g}")}
 
 
 def seconds_of(times: dict) -> dict:
