@@ -115,9 +115,8 @@ def one_round(trainer, loader, ckpt, r: int, timer: Timer) -> dict:
     import jax
     import numpy as np
 
-    from perpo_jax.data import prepare
     from perpo_jax.data.batching import bucketed
-    from perpo_jax.data.prepare import prompt_batch_for
+    from perpo_jax.data.examples import prompt_batch_for, record_example
     from perpo_jax.rewards import get_reward
     from perpo_jax.sampling import sample
     from perpo_jax.train import rounds
@@ -125,7 +124,7 @@ def one_round(trainer, loader, ckpt, r: int, timer: Timer) -> dict:
     from perpo_jax.train.listset import ListSet, lists_from_candidates
 
     cfg, proc = trainer.cfg, trainer.data.processor
-    examples = [prepare.record_example(rec) for rec in next(loader)]
+    examples = [record_example(rec) for rec in next(loader)]
     tok, k = proc.tokenizer, cfg.sampling.num_samples
     max_prompt = cfg.train.max_length - cfg.sampling.max_new_tokens
     with timer("sampling"):

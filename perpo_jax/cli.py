@@ -149,7 +149,7 @@ def _targets(task: str, example, k: int):
 
 def _split(args, data, cfg: Config) -> str:
     """`--split`, or the default split of the data (said on stderr when it is not val)."""
-    from perpo_jax.evaluate import default_split
+    from perpo_jax.data.examples import default_split
 
     if args.split is not None:
         return args.split
@@ -165,8 +165,8 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from perpo_jax.atomic import atomic_file
-    from perpo_jax.data.prepare import prompt_batch_for, record_example
-    from perpo_jax.evaluate import prompt_length, prompt_limit, split_source
+    from perpo_jax.data.examples import (prompt_batch_for, prompt_length, prompt_limit,
+                                         record_example, split_source)
     from perpo_jax.rewards import get_reward
     from perpo_jax.sampling import sample
 
@@ -210,7 +210,8 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from perpo_jax.atomic import atomic_dir
-    from perpo_jax.evaluate import evaluate, split_source, write_eval_outputs
+    from perpo_jax.data.examples import split_source
+    from perpo_jax.eval import evaluate, write_eval_outputs
 
     cfg = _load(args)
     if args.checkpoint is not None:
@@ -230,8 +231,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_pope(args) -> int:
-    from perpo_jax.data.pope import run_pope
-    from perpo_jax.metrics import write_report
+    from perpo_jax.eval import run_pope
+    from perpo_jax.eval.report import write_report
 
     cfg = _load(args)
     if args.checkpoint is not None:

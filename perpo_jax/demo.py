@@ -32,9 +32,10 @@ from perpo_jax.cli_paths import Guarded, check_out_dir, clear_out, input_paths, 
 from perpo_jax.config import Config, ConfigError, load_config
 from perpo_jax.data import prepare
 from perpo_jax.demo_args import parse_args  # noqa: F401  (the demo's CLI: demo.parse_args)
-from perpo_jax.evaluate import evaluate
+from perpo_jax.eval import evaluate, evaluate_pope
 from perpo_jax.hf import save_pretrained
-from perpo_jax.metrics import draw_boxes_png, predicted_boxes, write_report
+from perpo_jax.eval.grounding import predicted_boxes
+from perpo_jax.eval.report import draw_boxes_png, write_report
 from perpo_jax.models import from_config
 from perpo_jax.models.lora import merge_lora
 from perpo_jax.train.loop import train
@@ -230,8 +231,6 @@ def _eval(evaluate, model, data, cfg, mesh, pope=None) -> dict:
     out = {"metrics": dict(res.metrics), "texts": list(res.texts),
            "scores": {k: v.tolist() for k, v in scores.items()}}
     if pope:
-        from perpo_jax.data.pope import evaluate_pope
-
         report = evaluate_pope(model, data.processor, pope, cfg, mesh=mesh)
         out["metrics"]["pope_f1"] = report["mean_f1"]
         out["pope"] = report["splits"]

@@ -149,7 +149,7 @@ def train_base(cfg: Config, out_dir: str, *, command: list[str], overwrite: bool
     from perpo_jax.data import prepare
     from perpo_jax.demo import one_shape_config, sft_config
     from perpo_jax.demo_report import example_scores
-    from perpo_jax.evaluate import evaluate
+    from perpo_jax.eval import evaluate
     from perpo_jax.models import from_config
     from perpo_jax.train.loop import train
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from perpo_jax.metrics import paired_bootstrap_gain
+from perpo_jax.eval.bootstrap import paired_bootstrap_gain
 from perpo_jax.rewards import REWARDS, iou_rewards, ocr_rewards
 
 # The metrics a task's table shows and compares, first = the headline (the report.json has all)

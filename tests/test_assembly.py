@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from perpo_jax.data import prepare
+from perpo_jax.data.examples import prompt_batch_for, record_example
 from perpo_jax.models import from_config
 from perpo_jax.config import ConfigError, load_config
 
@@ -37,7 +38,7 @@ def test_prepare_data_is_idempotent(prepared):
     assert _files_with_mtimes(cfg.data.data_dir) == before  # nothing regenerated
     assert again.processor_dir == data.processor_dir
     assert again.processor.tokenizer.get_vocab() == data.processor.tokenizer.get_vocab()
-    first, second = prepare.record_example(data.val[3]), prepare.record_example(again.val[3])
+    first, second = record_example(data.val[3]), record_example(again.val[3])
     assert first.question == second.question and np.array_equal(first.image, second.image)
 
 
@@ -59,7 +60,7 @@ def test_processor_image_tokens_match_tiny_model(prepared):
     assert model_cfg.vision.image_size == 32 and model_cfg.text.hidden_size == 32
     assert model_cfg.image_token_id == proc.image_token_id
     assert model_cfg.text.vocab_size == len(proc.tokenizer)
-    example = prepare.record_example(data.train[0])
+    example = record_example(data.train[0])
     ids = proc(example.image, example.question)["prompt_ids"]
     assert int((ids == proc.image_token_id).sum()) == model_cfg.num_image_tokens == 16
 
@@ -68,8 +69,8 @@ def test_build_model_forward_on_prompt_batch(prepared):
     cfg, data = prepared
     mesh = from_config.build_mesh(cfg)
     model = from_config.build_model(cfg, mesh, data.processor)
-    examples = [prepare.record_example(data.val[i]) for i in range(3)]
-    batch = prepare.prompt_batch_for(examples, data.processor, None)
+    examples = [record_example(data.val[i]) for i in range(3)]
+    batch = prompt_batch_for(examples, data.processor, None)
     b, p = batch["prompt_ids"].shape
     assert batch["prompt_ids"].dtype == np.int32 and batch["prompt_mask"].dtype == bool
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
@@ -107,14 +108,14 @@ def test_bad_tiny_key_is_a_config_error(prepared):
 
 def test_record_example_decodes_bytes_boxes_and_lists():
     image = np.zeros((8, 8, 3), np.uint8)
-    grounding = prepare.record_example({"image": image, "question": b"where is it?",
+    grounding = record_example({"image": image, "question": b"where is it?",
                                       "answer": b"[0.10, 0.20, 0.30, 0.40]",
                                       "box": np.array([0.1, 0.2, 0.3, 0.4], np.float32)})
     assert grounding.question == "where is it?" and isinstance(grounding.answer, str)
     assert grounding.box.dtype == np.float32 and grounding.responses is None
-    ocr = prepare.record_example({"image": image, "question": b"text?", "answer": "ab\ncd".encode()})
+    ocr = record_example({"image": image, "question": b"text?", "answer": "ab\ncd".encode()})
     assert ocr.answer == "ab\ncd" and ocr.box is None and ocr.rewards is None
-    lists = prepare.record_example({
+    lists = record_example({
         "image": image, "question": b"q", "answer": b"[0.50, 0.50, 1.00, 1.00]",
         "candidates": np.array([b"[0.5, 0.5, 1, 1]", "[0, 0, 0.1, 0.1]".encode()], dtype=object),
         "scores": [1.0, 0.0]})
@@ -122,7 +123,7 @@ def test_record_example_decodes_bytes_boxes_and_lists():
     np.testing.assert_allclose(lists.box, [0.5, 0.5, 1.0, 1.0])
     assert lists.rewards.dtype == np.float32 and lists.rewards.tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="HWC uint8"):
-        prepare.record_example({"image": image.astype(np.float32), "question": b"q", "answer": b"a"})
+        record_example({"image": image.astype(np.float32), "question": b"q", "answer": b"a"})
 
 
 def test_official_lists_source_has_train_lists_and_no_val(tmp_path):
@@ -141,10 +142,10 @@ def test_official_lists_source_has_train_lists_and_no_val(tmp_path):
                    f"data.path={tmp_path / 'lists.json'}", f"data.image_dir={tmp_path / 'img'}")
     data = prepare.prepare_data(cfg, progress=False)
     assert len(data.train) == 2 and data.val is None
-    example = prepare.record_example(data.train[1])
+    example = record_example(data.train[1])
     assert example.responses == entry["answers_gen"] and example.image.shape == (30, 40, 3)
     np.testing.assert_allclose(example.box, [0.1, 0.2, 0.5, 0.6])
-    batch = prepare.prompt_batch_for([example], data.processor, None)
+    batch = prompt_batch_for([example], data.processor, None)
     assert batch["pixel_values"].shape == (1, 3, 32, 32)  # resized to the tiny model's input
     missing = tiny_cfg(tmp_path / "data", "data.source=official_json",
                        f"data.path={tmp_path / 'nope.json'}", f"data.image_dir={tmp_path}")
@@ -168,6 +169,6 @@ def test_hf_path_model_and_processor_come_from_the_checkpoint(prepared, tmp_path
     assert proc.image_token_id == ref.image_token_id and proc.num_image_tokens(32, 32) == 16
     model = from_config.build_model(hf_cfg, mesh, proc)
     assert model.config.text.remat and model.language_model.config.remat
-    example = prepare.record_example(hf_data.val[0])
+    example = record_example(hf_data.val[0])
     np.testing.assert_array_equal(proc(example.image, example.question)["prompt_ids"],
                                   ref(example.image, example.question)["prompt_ids"])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from perpo_jax import cli
 from perpo_jax.atomic import atomic_dir, atomic_file
-from perpo_jax.evaluate import default_split
+from perpo_jax.data.examples import default_split
 from perpo_jax.train.run_log import RunLog
 
 

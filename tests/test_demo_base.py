@@ -12,7 +12,7 @@ from tiny_run import TINY_MODEL
 from perpo_jax.demo_base import SHIPPED_BASE, SHIPPED_OCR_BASE, read_card, resolve_base_path
 from perpo_jax.demo_report import (ShuffledImages, format_table, image_derangement,
                                    shuffle_gap)
-from perpo_jax.metrics import paired_bootstrap_gain
+from perpo_jax.eval.bootstrap import paired_bootstrap_gain
 
 # The shared fixture's dataset (tests/conftest.py): 32 train / 8 val 32-px scenes, 2-5 shapes
 # with relations and the default shape sides (the schema's defaults; configs/demo_base.yaml's
@@ -75,7 +75,7 @@ def test_shipped_base_loads_and_matches_its_card(tmp_path, base, headline):
     recorded, and `demo.base_path: auto` picks each for its own task only."""
     from perpo_jax.config import config_from_dict
     from perpo_jax.data import prepare
-    from perpo_jax.evaluate import evaluate
+    from perpo_jax.eval import evaluate
     from perpo_jax.hf import load_pretrained
 
     card = read_card(str(base))
@@ -107,7 +107,7 @@ def test_train_base_then_align_from_it(shared, tmp_path, capsys):
     from perpo_jax.data import prepare
     from perpo_jax.data.processor import LlavaPromptProcessor
     from perpo_jax.demo_report import example_scores
-    from perpo_jax.evaluate import evaluate
+    from perpo_jax.eval import evaluate
     from perpo_jax.hf import load_pretrained
     from perpo_jax.models import from_config
 

@@ -203,7 +203,7 @@ def test_interrupted_gs_writes_are_refused(gcs, monkeypatch):
         raise OSError("killed")
     assert not storage.exists("gs://bkt/lists/r.npz")
 
-    from perpo_jax.evaluate import EvalResult, write_eval_outputs  # eval --out gs://
+    from perpo_jax.eval import EvalResult, write_eval_outputs  # eval --out gs://
 
     result = EvalResult("grounding", {"acc@0.5": 1.0}, ["[0.1,0.1,0.5,0.5]"],
                         np.asarray([[0.1, 0.1, 0.5, 0.5]], np.float32), ["q"],

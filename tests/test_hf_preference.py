@@ -19,6 +19,7 @@ from tiny_run import tiny_cfg
 from perpo_jax import cli
 from perpo_jax.config import ConfigError, config_to_dict, load_config
 from perpo_jax.data import hf_preference, pref_files, prepare
+from perpo_jax.data.examples import record_example, text_of
 from perpo_jax.data.hf_preference import PreferenceColumns, read_preference_lists
 from perpo_jax.data.refcoco_style import DataFileError
 from perpo_jax.train.loop import train
@@ -337,12 +338,12 @@ def test_dataset_cache_is_keyed_on_file_content_and_columns(tmp_path):
     _write_rlaifv(path, _rlaifv_rows(2, offset=5))  # the same file name, new content
     edited = prepare.prepare_data(tiny_cfg(tmp_path, *overrides), progress=False)
     assert edited.built and "changed since rlaif_" in edited.cache_reason
-    questions = sorted(prepare.text_of(edited.train_text[i]["question"]) for i in range(2))
+    questions = sorted(text_of(edited.train_text[i]["question"]) for i in range(2))
     assert questions == ["What is in picture 5?", "What is in picture 6?"]
     swap = ("data.pref_chosen_column=rejected", "data.pref_rejected_column=chosen")
     swapped = prepare.prepare_data(tiny_cfg(tmp_path, *overrides, *swap), progress=False)
     assert swapped.built
-    example = prepare.record_example(swapped.train[0])
+    example = record_example(swapped.train[0])
     assert example.responses[0].startswith("A dog") and example.rewards.tolist() == [1.0, 0.0]
 
 

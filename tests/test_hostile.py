@@ -573,21 +573,21 @@ def test_demo_help_imports_nothing_heavy():
 
 
 def test_val_boxes_show_every_box_where_they_agree_and_say_no_box(tmp_path):
-    from perpo_jax import metrics
     from perpo_jax.data.shapes_scene import COLOURS
+    from perpo_jax.eval import report
 
     grey = np.full((16, 16, 3), 200, np.uint8)
     gt = np.array([[0.25, 0.25, 0.75, 0.75]] * 2)
     preds = {"base": gt.copy(), "PerPO": np.array([gt[0], [np.nan] * 4])}
     path = tmp_path / "boxes.png"
-    metrics.draw_boxes_png(str(path), [grey, grey], gt, preds, ["a", "b"], tile=96, columns=2)
+    report.draw_boxes_png(str(path), [grey, grey], gt, preds, ["a", "b"], tile=96, columns=2)
     img = np.asarray(Image.open(path).convert("RGB"))
     first, second = img[20:116, :96], img[20:116, 100:196]
-    used = {metrics.GT_COLOUR, *metrics.METHOD_COLOURS[:2]}
+    used = {report.GT_COLOUR, *report.METHOD_COLOURS[:2]}
     assert not used & set(COLOURS.values())  # no box colour is a shape colour
     for colour in used:  # all three agree on tile 1: each still shows
         assert (first == np.array(colour)).all(-1).sum() > 50, colour
-    perpo = (second == np.array(metrics.METHOD_COLOURS[1])).all(-1)
+    perpo = (second == np.array(report.METHOD_COLOURS[1])).all(-1)
     assert perpo[:20].any() and not perpo[20:].any()  # "PerPO: no box" label, no box
 
 

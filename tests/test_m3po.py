@@ -223,7 +223,8 @@ def test_m3po_on_shapes_pope_with_a_registered_mas_scorer(tmp_path):
     from tiny_run import _digit_share, tiny_cfg
 
     from perpo_jax.data import prepare, shapes_pope
-    from perpo_jax.data.pope import evaluate_pope
+    from perpo_jax.data.examples import record_example
+    from perpo_jax.eval.pope import evaluate_pope
     from perpo_jax.m3po import MAS_SCORERS, register_mas_scorer
     from perpo_jax.train.loop import train
 
@@ -239,7 +240,7 @@ def test_m3po_on_shapes_pope_with_a_registered_mas_scorer(tmp_path):
     assert result.steps == 1 and result.rounds[0]["pairs_kept"] > 0
     builder = shapes_pope.build(cfg.data.data_dir, num_train=4, num_val=2, image_size=32,
                                 min_objects=1, max_objects=2)
-    splits = {name: [prepare.record_example(src[i]) for i in range(len(src))]
+    splits = {name: [record_example(src[i]) for i in range(len(src))]
               for name, src in shapes_pope.pope_splits(builder).items()}
     report = evaluate_pope(result.model, data.processor, splits, cfg)
     assert set(report["splits"]) == {"random", "popular", "adversarial"}

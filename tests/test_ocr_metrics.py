@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from perpo_jax import metrics
-from perpo_jax.metrics import (METEOR_MISSING, ocr_benchmark_metrics, ocr_page_metrics,
-                               ocr_word_tokens)
+from perpo_jax.eval import ocr
+from perpo_jax.eval.ocr import (METEOR_MISSING, ocr_benchmark_metrics, ocr_page_metrics,
+                                ocr_word_tokens)
 
 
 class NoSynonyms:
@@ -70,7 +70,7 @@ def test_meteor_by_hand_without_synonyms():
 
 
 def test_meteor_is_none_with_the_reason_when_wordnet_is_missing(monkeypatch):
-    monkeypatch.setattr(metrics, "meteor_wordnet", lambda: None)
+    monkeypatch.setattr(ocr, "meteor_wordnet", lambda: None)
     page = ocr_page_metrics("a b", "a b")
     assert page["meteor"] is None and page["f1"] == 1.0
     table = ocr_benchmark_metrics(["a b"], ["a b"])

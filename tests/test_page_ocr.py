@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from perpo_jax.data.page_ocr import (PAGE_OCR_QUESTION, build_page_ocr, read_page_ocr)
-from perpo_jax.data.prepare import record_example
+from perpo_jax.data.examples import prompt_batch_for, record_example
 from perpo_jax.data.refcoco_style import DataFileError
 
 
@@ -141,8 +141,8 @@ def test_prepare_data_reads_page_ocr_with_images_next_to_the_file(tmp_path):
         "data.source=page_ocr", f"data.path={ann}"])  # no data.image_dir: the file's dir
     data = prepare.prepare_data(cfg, progress=False)
     assert (len(data.train), len(data.val), data.task) == (1, 1, "ocr")
-    example = prepare.record_example(data.train[0])
+    example = record_example(data.train[0])
     assert example.answer == "first page" and example.image.shape == (30, 40, 3)
-    batch = prepare.prompt_batch_for([example], data.processor, None)
+    batch = prompt_batch_for([example], data.processor, None)
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
     assert not prepare.prepare_data(cfg, progress=False).built  # reused

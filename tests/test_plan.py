@@ -132,7 +132,7 @@ def test_online_sampling_pads_to_the_rounds_longest_prompt(shared, tmp_path, mon
     """Not to train.max_length - sampling.max_new_tokens: prefill and every decode step's
     attention scale with the padded width."""
     from perpo_jax.data.batching import bucketed
-    from perpo_jax.data.prepare import prompt_batch_for, record_example
+    from perpo_jax.data.examples import prompt_batch_for, record_example
     from perpo_jax.train import rounds
 
     _, data = shared

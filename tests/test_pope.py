@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perpo_jax.metrics import exact_answer, pope_answer, pope_metrics, pope_summary
+from perpo_jax.eval.pope import exact_answer, pope_answer, pope_metrics, pope_summary
 
 
 def test_official_pope_parser():
@@ -64,8 +64,8 @@ def test_pope_summary_mean_f1():
 
 
 def test_read_pope_questions_and_examples(tmp_path):
-    from perpo_jax.data.pope import (POPE_SUFFIX, pope_examples, pope_rewards,
-                                     read_pope_questions)
+    from perpo_jax.data.pope import POPE_SUFFIX, pope_examples, read_pope_questions
+    from perpo_jax.rewards import REWARDS, pope_rewards
 
     Image.new("RGB", (20, 10), (1, 2, 3)).save(tmp_path / "COCO_val2014_1.jpg")
     rows = [{"question_id": 1, "image": "COCO_val2014_1.jpg", "text": "Is there a dog in the image?",
@@ -80,6 +80,7 @@ def test_read_pope_questions_and_examples(tmp_path):
     assert ex[0].question == f"Is there a dog in the image?\n{POPE_SUFFIX}"
     assert ex[0].image.shape == (10, 20, 3) and ex[0].image is ex[1].image  # decoded once
     np.testing.assert_array_equal(pope_rewards(["Yes.", "There is a cat"], ["yes", "no"]), [1, 0])
+    assert REWARDS["pope"] is pope_rewards  # data.task=pope: registered like grounding / ocr
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question_id": 3, "image": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.json:2: .*lacks \['text', 'label'\]"):
@@ -107,7 +108,7 @@ def test_negative_strategies_on_hand_made_counts():
 def test_shapes_pope_builder(tmp_path):
     from perpo_jax.data import shapes_pope
     from perpo_jax.data.pope import POPE_SUFFIX
-    from perpo_jax.data.prepare import record_example, text_of
+    from perpo_jax.data.examples import record_example, text_of
 
     builder = shapes_pope.build(str(tmp_path), num_train=3, num_val=4, image_size=32)
     splits = shapes_pope.pope_splits(builder)

@@ -437,6 +437,7 @@ def test_registry():
 def test_rewards_package_never_imports_jax():
     code = ("import sys, perpo_jax.rewards as r; "
             "r.iou_rewards(['[0,0,1,1]'], [[0,0,1,1]]); r.ocr_rewards(['a'], ['b']); "
+            "assert r.get_reward('pope')(['Yes.'], ['yes'])[0] == 1; "
             "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib'))))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(REPO)

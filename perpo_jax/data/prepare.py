@@ -1,7 +1,7 @@
-"""Config → the prepared dataset and its processor, and records → model inputs.
+"""Config → the prepared dataset and its processor.
 
     data = prepare_data(cfg)                    # builds under cfg.data.data_dir once, then reuses
-    batch = prompt_batch_for([record_example(data.val[i]) for i in range(4)], data.processor, None)
+    data.val[0]                                 # a TFDS record; `data.examples` decodes it
 
 Where things live under `cfg.data.data_dir`:
     <builder name>/<config name>/<version>/...      TFDS array_record files; for file sources
@@ -21,7 +21,6 @@ import re
 import tempfile
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessorPil
@@ -29,11 +28,12 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil
 from perpo_jax.config import Config, ConfigError
 from perpo_jax.data import (hf_preference, page_ocr, pref_files, refcoco_builders,
                              shapes_grounding, shapes_ocr, shapes_pope)
-from perpo_jax.data.batching import prompt_batch
+# record_example stays reachable as prepare.record_example (train/loop.py and demo call it)
+from perpo_jax.data.examples import record_example, text_of  # noqa: F401
 from perpo_jax.data.processor import LlavaPromptProcessor
 from perpo_jax.data.tokenizer import tokenizer_corpus, train_tokenizer
 from perpo_jax.models.from_config import DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs
-from perpo_jax.rewards import REWARDS, parse_box
+from perpo_jax.rewards import REWARDS
 
 SYNTHETIC_SOURCES = ("shapes_grounding", "shapes_ocr", "shapes_pope")
 
@@ -45,7 +45,7 @@ class DataHandle:
     train / val: random-access sources (`len()`, `__getitem__(i)` → TFDS record dict);
       `val` is None for sources without a val split (official_json lists).
     processor: the `LlavaPromptProcessor` the model is trained and evaluated with.
-    task: "grounding" | "ocr" (a key of `perpo_jax.rewards.REWARDS`).
+    task: "grounding" | "ocr" | "pope" (a key of `perpo_jax.rewards.REWARDS`).
     data_dir: where the dataset lives; processor_dir: the processor's files (copied into HF
       exports), None when they come from `model.hf_path`.
     skipped: entries left out under `data.skip_invalid` (`refcoco_style.Skipped`).
@@ -64,62 +64,6 @@ class DataHandle:
     train_text: Any | None = None
     built: bool = False
     cache_reason: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One decoded record. image HWC uint8; box [4] float32 normalised or None (OCR);
-    responses / rewards [N]: pre-sampled candidate list (official lists) or None."""
-
-    image: np.ndarray
-    question: str
-    answer: str
-    box: np.ndarray | None = None
-    responses: list[str] | None = None
-    rewards: np.ndarray | None = None
-
-
-# ----------------------------------------------------------------------------- records
-
-
-def text_of(value) -> str:
-    """TFDS Text features come back as bytes; the one place they become str."""
-    if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode("utf-8")
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        return text_of(value.item())
-    return str(value)
-
-
-def record_example(record: dict) -> Example:
-    """Decodes one TFDS record (any of this package's builders) into an `Example`.
-
-    Official lists carry no `box` feature; their box is read from the answer text.
-    """
-    image = np.asarray(record["image"])
-    if image.ndim != 3 or image.dtype != np.uint8:
-        raise ValueError(f"record image must be HWC uint8, got {image.shape} {image.dtype}")
-    answer = text_of(record["answer"])
-    box = record.get("box")
-    box = None if box is None else np.asarray(box, np.float32).reshape(4)
-    responses = rewards = None
-    if "candidates" in record:
-        responses = [text_of(c) for c in record["candidates"]]
-        rewards = np.asarray(record["scores"], np.float32)
-        if box is None:
-            box = parse_box(answer)
-    return Example(image=image, question=text_of(record["question"]), answer=answer, box=box,
-                   responses=responses, rewards=rewards)
-
-
-def prompt_batch_for(examples: list[Example], processor, max_length: int | None) -> dict:
-    """The sampler's prompts batch (`batching.prompt_batch`): prompt_ids [B, P] int32,
-    prompt_mask [B, P] bool, pixel_values [B, C, H, W] f32 (anyres: [B, N, C, H, W] and
-    image_sizes [B, 2]). P = `max_length` (None: the longest prompt)."""
-    if not examples:
-        raise ValueError("prompt_batch_for needs at least one example")
-    return prompt_batch(processor, [e.image for e in examples], [e.question for e in examples],
-                        max_length)
 
 
 # ----------------------------------------------------------------------------- data

@@ -12,12 +12,14 @@ import numpy as np
 
 from perpo_jax.rewards.boxes import iou_rewards
 from perpo_jax.rewards.ocr import ocr_rewards
+from perpo_jax.rewards.pope import pope_rewards
 
 RewardFn = Callable[[Sequence[str], Any], np.ndarray]
 
 REWARDS: dict[str, RewardFn] = {
     "grounding": iou_rewards,
     "ocr": ocr_rewards,
+    "pope": pope_rewards,
 }
 
 

@@ -12,8 +12,7 @@ from jax.experimental import multihost_utils
 
 from perpo_jax.config import Config
 from perpo_jax.data.batching import PromptTooLongError, bucketed
-from perpo_jax.data.prepare import prompt_batch_for, text_of
-from perpo_jax.evaluate import prompt_length, prompt_limit
+from perpo_jax.data.examples import prompt_batch_for, prompt_length, prompt_limit, text_of
 from perpo_jax.m3po import mas_scorer
 from perpo_jax.rewards import build_lists, get_reward
 from perpo_jax.sampling import sample

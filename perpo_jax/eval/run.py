@@ -9,7 +9,7 @@ padded with copies of its last example so every batch has one compiled shape; th
 results are dropped). Prompts are padded to the longest prompt of the evaluated examples,
 rounded up to a multiple of 32 tokens (`data.batching.bucketed`: fewer recompiles). The
 training length limit holds here too: prompt + `eval.max_new_tokens` <= `train.max_length`,
-else a `PromptTooLongError` names the example and the keys.
+else a `PromptTooLongError` names the example and the keys (`data.examples.prompt_length`).
 
 The split defaults to "val", or to "train" for data without a val split (`official_json`
 lists are train-only); asking for a split the data lacks is an error saying so.
@@ -25,20 +25,22 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from perpo_jax import metrics as metrics_lib
 from perpo_jax import storage
 from perpo_jax.config import Config, ConfigError
-from perpo_jax.data.batching import PromptTooLongError, bucketed
-from perpo_jax.data.prepare import Example, prompt_batch_for, record_example
+from perpo_jax.data.examples import (Example, default_split, prompt_batch_for, prompt_length,
+                                     prompt_limit, record_example, split_source)
 from perpo_jax.data.shapes_grounding import GROUNDING_PROMPT
+from perpo_jax.eval.grounding import grounding_metrics, predicted_boxes
+from perpo_jax.eval.ocr import ocr_benchmark_metrics, ocr_metrics
+from perpo_jax.eval.report import draw_boxes_png, write_report
 from perpo_jax.rewards import REWARDS
 from perpo_jax.sampling import sample
 
 
 @dataclasses.dataclass
 class EvalResult:
-    """task; metrics (from perpo_jax.metrics + samples_per_s, split); texts [N] decoded greedy
-    answers; gt: boxes [N, 4] float32 (grounding) or reference strings [N]; questions [N];
+    """task; metrics (the task's metrics from `task_metrics` + samples_per_s, split); texts
+    [N] decoded greedy answers; gt: boxes [N, 4] float32 (grounding) or reference strings [N]; questions [N];
     images: HWC uint8 of the first `cfg.eval.num_images` examples."""
 
     task: str
@@ -47,54 +49,6 @@ class EvalResult:
     gt: Any
     questions: list[str]
     images: list[np.ndarray]
-
-
-def default_split(data) -> str:
-    """The split used when none is given: "val", or "train" where the data has no val split
-    (official_json lists)."""
-    return "val" if data.val is not None else "train"
-
-
-def split_source(data, split: str, source_name: str):
-    """The records of `split` ("train" | "val"); a one-line error when the data lacks it."""
-    source = getattr(data, split, None) if split in ("train", "val") else None
-    if source is None:
-        hint = ""
-        if source_name == "official_json":
-            hint = (": official PerPO lists are train-only; pass --split train, or evaluate on "
-                    "held-out data (data.source=refcoco_style or refer, data.path=...)")
-        raise ConfigError(f"--split {split}: data.source={source_name!r} has no {split!r} "
-                          f"split{hint}")
-    return source
-
-
-def prompt_limit(cfg: Config, new_tokens_key: str) -> tuple[int, str]:
-    """(the longest prompt that leaves room for `new_tokens_key` generated tokens within
-    `train.max_length`, that difference spelled out with its keys for error messages)."""
-    section, name = new_tokens_key.split(".")
-    new_tokens = getattr(getattr(cfg, section), name)
-    most = cfg.train.max_length - new_tokens
-    return most, (f"train.max_length - {new_tokens_key} = {cfg.train.max_length} - "
-                  f"{new_tokens} = {most}")
-
-
-def prompt_length(examples: list[Example], processor,
-                  limit: tuple[int, str] | None = None) -> int:
-    """The longest prompt (image tokens included), rounded up to the prompt bucket and capped
-    at `limit` (from `prompt_limit`); a prompt longer than the limit is a PromptTooLongError
-    naming the example and the key to raise (prompts are never truncated)."""
-    sizes = processor.prompt_sizes([e.image for e in examples])
-    lengths = [len(processor.encode_prompt(e.question, h, w)) for e, (h, w) in zip(examples, sizes)]
-    longest = max(lengths)
-    if limit is None:
-        return bucketed(longest)
-    most, spelled = limit
-    if longest > most:
-        i = lengths.index(longest)
-        raise PromptTooLongError(
-            f"prompt of example {i} ({examples[i].question[:40]!r}) has {longest} tokens (image "
-            f"tokens included) > {spelled}: raise train.max_length (prompts are never truncated)")
-    return min(bucketed(longest), most)
 
 
 def greedy_texts(model, examples: list[Example], processor, *, batch_size: int,
@@ -127,11 +81,11 @@ def task_metrics(task: str, texts: list[str], examples: list[Example]) -> tuple[
             raise ValueError(f"grounding evaluation needs a box for every example; example "
                              f"{missing[0]} has none")
         gt = np.stack([e.box for e in examples]).astype(np.float32)
-        return metrics_lib.grounding_metrics(texts, gt), gt
+        return grounding_metrics(texts, gt), gt
     gt = [e.answer for e in examples]
     if task == "ocr":  # the dense-OCR table's word-level metrics, character-level extras
-        table = metrics_lib.ocr_benchmark_metrics(texts, gt)
-        chars = metrics_lib.ocr_metrics(texts, gt)
+        table = ocr_benchmark_metrics(texts, gt)
+        chars = ocr_metrics(texts, gt)
         return {**table, "ned": chars["ned"], "edit_similarity": chars["edit_similarity"]}, gt
     rewards = np.asarray(REWARDS[task](texts, gt), np.float64)
     return {"mean_reward": float(rewards.mean()), "count": len(texts)}, gt
@@ -178,13 +132,12 @@ def write_eval_outputs(result: EvalResult, out_dir: str) -> dict[str, str]:
     predictions = [{"question": q, "prediction": t, "ground_truth": g}
                    for q, t, g in zip(result.questions, result.texts, gt)]
     paths = {"report": os.path.join(out_dir, "report.json")}
-    metrics_lib.write_report(paths["report"], {"task": result.task, "metrics": result.metrics,
-                                               "predictions": predictions})
+    write_report(paths["report"], {"task": result.task, "metrics": result.metrics,
+                                   "predictions": predictions})
     n = len(result.images)
     if result.task == "grounding" and n:
         paths["png"] = os.path.join(out_dir, "boxes.png")
-        predicted = metrics_lib.predicted_boxes(result.texts[:n])
-        metrics_lib.draw_boxes_png(paths["png"], result.images, result.gt[:n],
-                                   {"model": predicted},
-                                   [_caption(q) for q in result.questions[:n]])
+        predicted = predicted_boxes(result.texts[:n])
+        draw_boxes_png(paths["png"], result.images, result.gt[:n], {"model": predicted},
+                       [_caption(q) for q in result.questions[:n]])
     return paths
