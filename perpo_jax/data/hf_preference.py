@@ -46,7 +46,8 @@ from PIL import Image
 
 from perpo_jax.config import ConfigError
 from perpo_jax.data import pref_files
-from perpo_jax.data.refcoco_builders import CandidateLists, LocalFilesConfig, _build
+from perpo_jax.data.local_builder import LocalFilesConfig, prepared_files
+from perpo_jax.data.refcoco_builders import CandidateLists
 from perpo_jax.data.refcoco_style import DataFileError, Skipped
 
 log = logging.getLogger(__name__)
@@ -372,4 +373,4 @@ def build_hf_preference(data_dir: str, files: list[str], image_root: str | None,
         raise ValueError("build_hf_preference needs at least one data file")
     config = PreferenceFilesConfig(name=name, annotations=files[0], image_root=image_root or "",
                                    skip_invalid=skip_invalid, files=tuple(files), columns=columns)
-    return _build(HfPreferenceLists, data_dir, config)
+    return prepared_files(HfPreferenceLists, data_dir, config)

@@ -42,9 +42,8 @@ import os
 
 import tensorflow_datasets as tfds
 
-from perpo_jax.data.local_builder import LocalBuilder
-from perpo_jax.data.refcoco_builders import (LocalFilesConfig, _build, _image_bytes,
-                                             _skipped_metadata)
+from perpo_jax.data.local_builder import (FileBuilder, LocalFilesConfig, image_file_bytes,
+                                          prepared_files)
 from perpo_jax.data.refcoco_style import (DataFileError, _field, _image_file, _image_size,
                                           _read_entries, _split_name)
 from perpo_jax.data.shapes_ocr import OCR_QUESTION
@@ -150,39 +149,31 @@ class PageOcrConfig(LocalFilesConfig):
     fmt: str = "jsonl"
 
 
-class PageOcr(LocalBuilder):
+class PageOcr(FileBuilder):
     """Local page-OCR annotations; pass `config=PageOcrConfig(...)`. One split per split name."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    DESCRIPTION = "Page images with their full ground-truth text."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self, description="Page images with their full ground-truth text.",
-            metadata=tfds.core.MetadataDict(),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-                "image_path": tfds.features.Text(),
-                "question": tfds.features.Text(),
-                "answer": tfds.features.Text(),
-            }))
+    def _features(self) -> dict:
+        return {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "image_path": tfds.features.Text(),
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+        }
 
-    def _split_generators(self, dl_manager):
+    def _read(self):
         cfg = self.builder_config
         pages, skipped = read_page_ocr(cfg.annotations, cfg.image_root or None, fmt=cfg.fmt,
                                        skip_invalid=cfg.skip_invalid)
         if not pages:
             raise DataFileError(f"{cfg.annotations}: no valid page to build a dataset from "
                                 f"({len(skipped)} skipped)")
-        self.skipped = skipped
-        self.info.metadata.update(_skipped_metadata(skipped))
-        splits = sorted({p.split for p in pages})
-        return {s: self._generate_examples([p for p in pages if p.split == s]) for s in splits}
+        return pages, skipped
 
-    def _generate_examples(self, pages):
-        # Keyed by index within the split: a JSON array on one line has a single "line".
-        for index, p in enumerate(pages):
-            yield index, {"image": _image_bytes(p.image_path), "image_path": p.image_path,
-                          "question": p.question, "answer": p.text}
+    def _example(self, page: OcrPage) -> dict:
+        return {"image": image_file_bytes(page.image_path), "image_path": page.image_path,
+                "question": page.question, "answer": page.text}
 
 
 def build_page_ocr(data_dir: str, path: str, image_root: str | None = None, *,
@@ -192,4 +183,4 @@ def build_page_ocr(data_dir: str, path: str, image_root: str | None = None, *,
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     config = PageOcrConfig(name=f"{name}_{fmt}", annotations=path, image_root=image_root or "",
                            skip_invalid=skip_invalid, fmt=fmt)
-    return _build(PageOcr, data_dir, config)
+    return prepared_files(PageOcr, data_dir, config)

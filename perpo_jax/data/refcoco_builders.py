@@ -23,26 +23,16 @@ still tells which lines were left out.
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from perpo_jax.data import refcoco_style, refer
-from perpo_jax.data.local_builder import LocalBuilder
+from perpo_jax.data.local_builder import (FileBuilder, LocalFilesConfig, image_file_bytes,
+                                          prepared_files)
 from perpo_jax.data.shapes_grounding import grounding_question
 from perpo_jax.data.shapes_scene import format_box
 from perpo_jax.rewards.boxes import BOX_FRAMES, box_to_frame
-
-
-@dataclasses.dataclass
-class LocalFilesConfig(tfds.core.BuilderConfig):
-    """annotations: the data file; image_root: directory image paths are relative to."""
-
-    annotations: str = ""
-    image_root: str = ""
-    skip_invalid: bool = False
 
 
 @dataclasses.dataclass
@@ -54,64 +44,32 @@ class GroundingFilesConfig(LocalFilesConfig):
     split_by: str = "unc"
 
 
-def _image_bytes(path: str) -> bytes:
-    """RGB files are stored byte-for-byte; other modes (grey, CMYK, RGBA) as RGB PNG."""
-    with Image.open(path) as im:
-        if im.mode == "RGB":
-            with open(path, "rb") as f:
-                return f.read()
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG")
-        return buf.getvalue()
-
-
-def _skipped_metadata(skipped) -> tfds.core.MetadataDict:
-    meta = tfds.core.MetadataDict()
-    meta["skipped"] = [dataclasses.asdict(s) for s in skipped]
-    return meta
-
-
 def _grounding_example(r: refcoco_style.RefExpression, box_frame: str) -> dict:
     """One TFDS example; the only place a box leaves the original frame."""
     box = box_to_frame(r.box, *r.image_size, box_frame).astype(np.float32)
-    return {"image": _image_bytes(r.image_path), "image_path": r.image_path,
+    return {"image": image_file_bytes(r.image_path), "image_path": r.image_path,
             "question": grounding_question(r.sentence), "sentence": r.sentence,
             "answer": format_box(box), "box": box}
 
 
-class _ReferringExpressions(LocalBuilder, skip_registration=True):
-    """Referring expressions with boxes; subclasses say how to `_read` the files."""
+class _ReferringExpressions(FileBuilder, skip_registration=True):
+    """Referring expressions with boxes, one split per record split; subclasses say how to
+    `_read` the files (-> list[RefExpression] with original-frame boxes, list[Skipped])."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    DESCRIPTION = "Referring expressions with normalised boxes."
 
-    def _read(self):
-        """-> (list[RefExpression] with original-frame boxes, list[Skipped])."""
-        raise NotImplementedError
+    def _features(self) -> dict:
+        return {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "image_path": tfds.features.Text(),
+            "question": tfds.features.Text(),
+            "sentence": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        }
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self, description="Referring expressions with normalised boxes.",
-            metadata=tfds.core.MetadataDict(),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "image_path": tfds.features.Text(),
-                "question": tfds.features.Text(),
-                "sentence": tfds.features.Text(),
-                "answer": tfds.features.Text(),
-                "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-            }))
-
-    def _split_generators(self, dl_manager):
-        records, skipped = self._read()
-        self.skipped = skipped
-        self.info.metadata.update(_skipped_metadata(skipped))
-        splits = sorted({r.split for r in records})
-        return {s: self._generate_examples([r for r in records if r.split == s]) for s in splits}
-
-    def _generate_examples(self, records):
-        # Keyed by index: a refer entry gives one example per sentence, all on one "line".
-        for index, r in enumerate(records):
-            yield index, _grounding_example(r, self.builder_config.box_frame)
+    def _example(self, record: refcoco_style.RefExpression) -> dict:
+        return _grounding_example(record, self.builder_config.box_frame)
 
 
 class RefcocoStyle(_ReferringExpressions):
@@ -132,12 +90,11 @@ class Refer(_ReferringExpressions):
                                 skip_invalid=cfg.skip_invalid)
 
 
-class CandidateLists(LocalBuilder, skip_registration=True):
+class CandidateLists(FileBuilder, skip_registration=True):
     """Pre-sampled candidate lists with a score each -> split "train"; subclasses say how to
     read their files (`_read_lists`). Features: image, image_path, question, answer,
     candidates [N] (text), scores float32 [N]."""
 
-    VERSION = tfds.core.Version("1.0.0")
     DESCRIPTION = "Pre-sampled candidate lists with their scores."
 
     def _read_lists(self, skipped: list):
@@ -145,30 +102,25 @@ class CandidateLists(LocalBuilder, skip_registration=True):
         into `skipped` (`refcoco_style.Skipped`) by the time the iterable is exhausted."""
         raise NotImplementedError
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self, description=self.DESCRIPTION,
-            metadata=tfds.core.MetadataDict(),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "image_path": tfds.features.Text(),
-                "question": tfds.features.Text(),
-                "answer": tfds.features.Text(),
-                "candidates": tfds.features.Sequence(tfds.features.Text()),
-                "scores": tfds.features.Tensor(shape=(None,), dtype=np.float32),
-            }))
+    def _features(self) -> dict:
+        return {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "image_path": tfds.features.Text(),
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "candidates": tfds.features.Sequence(tfds.features.Text()),
+            "scores": tfds.features.Tensor(shape=(None,), dtype=np.float32),
+        }
 
-    def _split_generators(self, dl_manager):
-        self.skipped = []
-        return {"train": self._generate_examples(self._read_lists(self.skipped))}
+    def _read(self):
+        skipped: list = []
+        return self._read_lists(skipped), skipped
 
-    def _generate_examples(self, examples):
-        # Keyed by entry index, not line: a JSON array written on one line has one line.
-        for index, example in enumerate(examples):
-            yield index, example
-        # complete only now (a streaming reader skips as it goes); TFDS writes the dataset's
-        # metadata after the examples
-        self.info.metadata.update(_skipped_metadata(self.skipped))
+    def _splits(self, records) -> dict:
+        return {"train": records}  # streamed, never held in memory whole
+
+    def _example(self, record: dict) -> dict:
+        return record
 
 
 class PerpoLists(CandidateLists):
@@ -181,16 +133,9 @@ class PerpoLists(CandidateLists):
         records, bad = refcoco_style.read_official_lists(
             cfg.annotations, cfg.image_root, skip_invalid=cfg.skip_invalid)
         skipped.extend(bad)
-        return ({"image": _image_bytes(r.image_path), "image_path": r.image_path,
+        return ({"image": image_file_bytes(r.image_path), "image_path": r.image_path,
                  "question": r.question, "answer": r.answer,
                  "candidates": list(r.candidates), "scores": r.scores} for r in records)
-
-
-def _build(cls, data_dir: str, config: LocalFilesConfig):
-    builder = cls(data_dir=data_dir, config=config, file_format="array_record")
-    builder.download_and_prepare()
-    skipped = [refcoco_style.Skipped(**s) for s in builder.info.metadata.get("skipped", [])]
-    return builder, skipped
 
 
 def _check_frame(box_frame: str) -> str:
@@ -205,7 +150,7 @@ def build_refcoco_style(data_dir: str, annotations: str, image_root: str, *, nam
     config = GroundingFilesConfig(
         name=f"{name}_{_check_frame(box_frame)}", annotations=annotations, image_root=image_root,
         skip_invalid=skip_invalid, box_frame=box_frame)
-    return _build(RefcocoStyle, data_dir, config)
+    return prepared_files(RefcocoStyle, data_dir, config)
 
 
 def build_refer(data_dir: str, refer_dir: str, image_root: str, *, split_by: str = "unc",
@@ -219,7 +164,7 @@ def build_refer(data_dir: str, refer_dir: str, image_root: str, *, split_by: str
     config = GroundingFilesConfig(
         name=f"{name}_{split_by}_{_check_frame(box_frame)}", annotations=refer_dir,
         image_root=image_root, skip_invalid=skip_invalid, box_frame=box_frame, split_by=split_by)
-    return _build(Refer, data_dir, config)
+    return prepared_files(Refer, data_dir, config)
 
 
 def build_official_lists(data_dir: str, path: str, image_root: str, *, name: str = "default",
@@ -227,4 +172,4 @@ def build_official_lists(data_dir: str, path: str, image_root: str, *, name: str
     """Prepare (or reuse) `perpo_lists/<name>` -> (builder, list[Skipped])."""
     config = LocalFilesConfig(name=name, annotations=path, image_root=image_root,
                               skip_invalid=skip_invalid)
-    return _build(PerpoLists, data_dir, config)
+    return prepared_files(PerpoLists, data_dir, config)

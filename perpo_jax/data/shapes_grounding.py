@@ -29,10 +29,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from perpo_jax.data import shapes_scene
-from perpo_jax.data.local_builder import LocalBuilder
+from perpo_jax.data.local_builder import SCENE_SPLITS, SceneBuilder, SceneConfig, prepared
 
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
-_SPLIT_CODES = {"train": 0, "val": 1}
 
 
 def grounding_question(expression: str) -> str:
@@ -41,16 +40,11 @@ def grounding_question(expression: str) -> str:
 
 
 @dataclasses.dataclass
-class ShapesGroundingConfig(tfds.core.BuilderConfig):
-    """num_train / num_val: examples per split; image_size: S in pixels; seed: data seed;
-    min_objects / max_objects: objects per scene; relations: spatial-relation expressions
-    allowed (attribute expressions only when False); sides: box side ranges as fractions of
-    S (`shapes_scene.SIDES`)."""
+class ShapesGroundingConfig(SceneConfig):
+    """`SceneConfig` + min_objects / max_objects: objects per scene; relations:
+    spatial-relation expressions allowed (attribute expressions only when False); sides: box
+    side ranges as fractions of S (`shapes_scene.SIDES`)."""
 
-    num_train: int = 2000
-    num_val: int = 200
-    image_size: int = 64
-    seed: int = 0
     min_objects: int = shapes_scene.MIN_OBJECTS
     max_objects: int = shapes_scene.MAX_OBJECTS
     relations: bool = True
@@ -62,7 +56,7 @@ def make_example(seed: int, split: str, index: int, image_size: int, *,
                  max_objects: int = shapes_scene.MAX_OBJECTS, relations: bool = True,
                  sides=shapes_scene.SIDES) -> dict:
     """The feature dict of example `index` of `split` (see module docstring)."""
-    rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+    rng = np.random.default_rng([seed, SCENE_SPLITS[split], index])
     objects, target, expression, image = shapes_scene.sample_example(
         rng, image_size, min_objects=min_objects, max_objects=max_objects, relations=relations,
         sides=sides)
@@ -83,37 +77,25 @@ def make_example(seed: int, split: str, index: int, image_size: int, *,
     }
 
 
-class ShapesGrounding(LocalBuilder):
+class ShapesGrounding(SceneBuilder):
     """Synthetic shapes grounding; pass `config=ShapesGroundingConfig(name=..., ...)`."""
 
-    VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [ShapesGroundingConfig(name="default")]
+    DESCRIPTION = "Coloured shapes with referring expressions and target boxes."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        size = self.builder_config.image_size
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Coloured shapes with referring expressions and target boxes.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-                "question": tfds.features.Text(),
-                "expression": tfds.features.Text(),
-                "answer": tfds.features.Text(),
-                "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-                "object_boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-                "object_shape": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "object_colour": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "object_size": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "target": tfds.features.Scalar(dtype=np.int32),
-                "index": tfds.features.Scalar(dtype=np.int32),
-            }),
-        )
-
-    def _split_generators(self, dl_manager):
-        cfg = self.builder_config
-        counts = {"train": cfg.num_train, "val": cfg.num_val}
-        # TFDS rejects empty splits: a split asked to hold 0 examples is left out.
-        return {s: self._generate_examples(s, n) for s, n in counts.items() if n > 0}
+    def _features(self) -> dict:
+        return {
+            "question": tfds.features.Text(),
+            "expression": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            "object_boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+            "object_shape": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "object_colour": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "object_size": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "target": tfds.features.Scalar(dtype=np.int32),
+            "index": tfds.features.Scalar(dtype=np.int32),
+        }
 
     def _generate_examples(self, split: str, count: int):
         cfg = self.builder_config
@@ -154,6 +136,4 @@ def build(data_dir: str, *, num_train: int = 2000, num_val: int = 200, image_siz
     config = ShapesGroundingConfig(name=name, num_train=num_train, num_val=num_val,
                                    image_size=image_size, seed=seed, min_objects=min_objects,
                                    max_objects=max_objects, relations=relations, sides=sides)
-    builder = ShapesGrounding(data_dir=data_dir, config=config, file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    return prepared(ShapesGrounding, data_dir, config)

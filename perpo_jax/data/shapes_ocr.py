@@ -22,24 +22,20 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from perpo_jax.data.local_builder import LocalBuilder
+from perpo_jax.data.local_builder import SCENE_SPLITS, SceneBuilder, SceneConfig, prepared
 from perpo_jax.data.ocr_text import MAX_LINES, MAX_WORDS, check_text, render_text
 
 OCR_QUESTION = "What is the text in the image?"
-_SPLIT_CODES = {"train": 0, "val": 1}
 
 
 @dataclasses.dataclass
-class ShapesOcrConfig(tfds.core.BuilderConfig):
-    """num_train / num_val examples; image_size S; font_size in pixels; at most max_lines
-    lines of max_words words; data seed; pitch: 0 = proportional text, > 0 = monospace cells
-    of this many pixels; placement: random | left (see ocr_text.render_text)."""
+class ShapesOcrConfig(SceneConfig):
+    """`SceneConfig` (S = 96 by default) + font_size in pixels; at most max_lines lines of
+    max_words words; pitch: 0 = proportional text, > 0 = monospace cells of this many
+    pixels; placement: random | left (see ocr_text.render_text)."""
 
-    num_train: int = 2000
-    num_val: int = 200
     image_size: int = 96
     font_size: int = 12
-    seed: int = 0
     max_lines: int = MAX_LINES
     max_words: int = MAX_WORDS
     pitch: int = 0
@@ -48,7 +44,7 @@ class ShapesOcrConfig(tfds.core.BuilderConfig):
 
 def make_example(cfg: ShapesOcrConfig, split: str, index: int) -> dict:
     """The feature dict of example `index` of `split`."""
-    rng = np.random.default_rng([cfg.seed, _SPLIT_CODES[split], index])
+    rng = np.random.default_rng([cfg.seed, SCENE_SPLITS[split], index])
     image, lines, (x0, y0, x1, y1) = render_text(rng, cfg.image_size, cfg.font_size,
                                                  cfg.max_lines, cfg.max_words, cfg.pitch,
                                                  cfg.placement)
@@ -57,29 +53,19 @@ def make_example(cfg: ShapesOcrConfig, split: str, index: int) -> dict:
             "text_box": box, "index": np.int32(index)}
 
 
-class ShapesOcr(LocalBuilder):
+class ShapesOcr(SceneBuilder):
     """Synthetic OCR; pass `config=ShapesOcrConfig(name=..., ...)`."""
 
-    VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [ShapesOcrConfig(name="default")]
+    DESCRIPTION = "Random short text lines on noisy backgrounds."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        size = self.builder_config.image_size
-        return tfds.core.DatasetInfo(
-            builder=self, description="Random short text lines on noisy backgrounds.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-                "question": tfds.features.Text(),
-                "answer": tfds.features.Text(),
-                "text_box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-                "index": tfds.features.Scalar(dtype=np.int32),
-            }))
-
-    def _split_generators(self, dl_manager):
-        cfg = self.builder_config
-        counts = {"train": cfg.num_train, "val": cfg.num_val}
-        # TFDS rejects empty splits: a split asked to hold 0 examples is left out.
-        return {s: self._generate_examples(s, n) for s, n in counts.items() if n > 0}
+    def _features(self) -> dict:
+        return {
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "text_box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            "index": tfds.features.Scalar(dtype=np.int32),
+        }
 
     def _generate_examples(self, split: str, count: int):
         for i in range(count):
@@ -104,6 +90,4 @@ def build(data_dir: str, *, num_train: int = 2000, num_val: int = 200, image_siz
                              image_size=image_size, font_size=font_size, seed=seed,
                              max_lines=max_lines, max_words=max_words, pitch=pitch,
                              placement=placement)
-    builder = ShapesOcr(data_dir=data_dir, config=config, file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    return prepared(ShapesOcr, data_dir, config)

@@ -30,12 +30,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from perpo_jax.data import shapes_scene
-from perpo_jax.data.local_builder import LocalBuilder
+from perpo_jax.data.local_builder import SCENE_SPLITS, SceneBuilder, SceneConfig, prepared
 from perpo_jax.data.pope import pope_question
 
 CATEGORIES = tuple(f"{c} {s}" for c in shapes_scene.COLOUR_NAMES for s in shapes_scene.SHAPES)
 STRATEGIES = ("random", "popular", "adversarial")
-_SPLIT_CODES = {"train": 0, "val": 1}
 QUESTIONS_PER_SIDE = 3
 
 
@@ -46,7 +45,7 @@ def object_question(category: str) -> str:
 def _layout(seed: int, split: str, index: int, image_size: int, min_objects: int,
             max_objects: int):
     """(objects, rng after the layout) of image `index` of `split`: deterministic."""
-    rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+    rng = np.random.default_rng([seed, SCENE_SPLITS[split], index])
     objects = shapes_scene.sample_layout(rng, image_size, min_objects=min_objects,
                                          max_objects=max_objects)
     return objects, rng
@@ -92,46 +91,32 @@ def image_questions(present: list[int], strategy: str, rng: np.random.Generator,
 
 
 @dataclasses.dataclass
-class ShapesPopeConfig(tfds.core.BuilderConfig):
-    num_train: int = 500  # images
-    num_val: int = 100  # images
-    image_size: int = 64
-    seed: int = 0
+class ShapesPopeConfig(SceneConfig):
+    """`SceneConfig` (counting images) + min_objects / max_objects per scene."""
+
+    num_train: int = 500
+    num_val: int = 100
     min_objects: int = 1
     max_objects: int = 3
 
 
-class ShapesPope(LocalBuilder):
+class ShapesPope(SceneBuilder):
     """Synthetic POPE; pass `config=ShapesPopeConfig(name=..., ...)`."""
 
-    VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [ShapesPopeConfig(name="default")]
+    DESCRIPTION = "POPE-style yes/no object questions over coloured-shape scenes."
+    # train: random negatives; the val images three times, once per negative strategy
+    SPLITS = {"train": ("train", "random"), "val": ("val", "random"),
+              "popular": ("val", "popular"), "adversarial": ("val", "adversarial")}
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        size = self.builder_config.image_size
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="POPE-style yes/no object questions over coloured-shape scenes.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-                "question": tfds.features.Text(),
-                "answer": tfds.features.Text(),
-                "category": tfds.features.Text(),
-                "image_index": tfds.features.Scalar(dtype=np.int32),
-                "index": tfds.features.Scalar(dtype=np.int32),
-            }),
-        )
-
-    def _split_generators(self, dl_manager):
-        cfg = self.builder_config
-        out = {}
-        if cfg.num_train > 0:
-            out["train"] = self._generate_examples("train", cfg.num_train, "random")
-        if cfg.num_val > 0:
-            out["val"] = self._generate_examples("val", cfg.num_val, "random")
-            out["popular"] = self._generate_examples("val", cfg.num_val, "popular")
-            out["adversarial"] = self._generate_examples("val", cfg.num_val, "adversarial")
-        return out
+    def _features(self) -> dict:
+        return {
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "category": tfds.features.Text(),
+            "image_index": tfds.features.Scalar(dtype=np.int32),
+            "index": tfds.features.Scalar(dtype=np.int32),
+        }
 
     def _generate_examples(self, split: str, count: int, strategy: str):
         cfg = self.builder_config
@@ -143,7 +128,7 @@ class ShapesPope(LocalBuilder):
         for i in range(count):
             objects, rng = _layout(cfg.seed, split, i, *geometry)
             image = shapes_scene.render_scene(objects, cfg.image_size, rng)
-            q_rng = np.random.default_rng([cfg.seed, _SPLIT_CODES[split], i,
+            q_rng = np.random.default_rng([cfg.seed, SCENE_SPLITS[split], i,
                                            STRATEGIES.index(strategy)])
             for category, label in image_questions(present[i], strategy, q_rng, freq, co):
                 yield n, {"image": image, "question": object_question(category), "answer": label,
@@ -159,9 +144,7 @@ def build(data_dir: str, *, num_train: int = 500, num_val: int = 100, image_size
     config = ShapesPopeConfig(name=name, num_train=num_train, num_val=num_val,
                               image_size=image_size, seed=seed, min_objects=min_objects,
                               max_objects=max_objects)
-    builder = ShapesPope(data_dir=data_dir, config=config, file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    return prepared(ShapesPope, data_dir, config)
 
 
 def pope_splits(builder) -> dict:
