@@ -104,6 +104,23 @@ def test_prepare_data_reports_counts(tiny_config, capsys):
     assert summary["dataset"] == "reused" and "same settings" in summary["dataset_reason"]
 
 
+def test_prepare_data_shows_no_tfds_bars_but_its_summary(tmp_path, capsys):
+    """A first build: TFDS' "Generating splits... / Shuffling" bars are off while
+    prepare-data builds (and TFDS' setting is back after), the JSON summary still printed."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    shown = tqdm_utils._active
+    argv = ["prepare-data", f"data.data_dir={tmp_path / 'data'}", "data.num_train=8",
+            "data.num_val=4", "data.image_size=32"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["dataset"] == "built" and (summary["train"], summary["val"]) == (8, 4)
+    for bar in ("Generating splits", "Generating train examples", "Shuffling"):
+        assert bar not in err and bar not in out, err[-2000:]
+    assert tqdm_utils._active == shown
+
+
 @pytest.mark.parametrize("command", ["eval", "sample"])
 def test_prompt_too_long_names_the_key_to_raise(tiny_config, command, capsys):
     root, config = tiny_config

@@ -12,6 +12,7 @@ Where things live under `cfg.data.data_dir`:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -22,6 +23,7 @@ import tempfile
 from typing import Any
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
@@ -229,6 +231,20 @@ def _build_dataset(cfg: Config):
     return builder, tuple(skipped)
 
 
+@contextlib.contextmanager
+def _tfds_bars_off():
+    """TFDS' "Generating splits... / Shuffling ..." bars off while a dataset is built
+    (`prepare_data` says itself what it built or reused, and why); the caller's setting after.
+    TFDS has a setter (`tfds.display_progress_bar`) but no getter: the setting is read from
+    `tqdm_utils._active` (tensorflow-datasets 4.9.10)."""
+    shown = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(shown)
+
+
 def _splits(builder, source: str):
     """(train, val) random-access sources; val None where the data has no val split."""
     sources = builder.as_data_source()
@@ -294,13 +310,15 @@ def prepare_data(cfg: Config, *, progress: bool = True) -> DataHandle:
     Idempotent: the dataset's TFDS config name and the processor dir name encode every
     setting (and, for file sources, the annotation files' content), so a second call (or
     another run with the same settings and files) reuses the files; `built` / `cache_reason`
-    of the result say which happened and why. TFDS shows its per-split progress bars.
+    of the result say which happened and why. TFDS' own split-generation bars stay off;
+    `progress` shows the tokenizer-corpus bar (a model without hf_path, first build).
     """
     if cfg.data.task not in REWARDS:
         raise ConfigError(f"data.task: {cfg.data.task!r} is not a registered reward "
                           f"({', '.join(sorted(REWARDS))})")
     known = _prepared_dirs(cfg.data.data_dir)
-    builder, skipped = _build_dataset(cfg)
+    with _tfds_bars_off():
+        builder, skipped = _build_dataset(cfg)
     built, cache_reason = _cache_report(cfg, builder, known)
     train, val = _splits(builder, cfg.data.source)
     if cfg.model.hf_path is not None:
