@@ -85,7 +85,8 @@ def test_draw_boxes_png_pixels(tmp_path):
     assert tuple(cell[32, 16]) == report.GT_COLOUR and tuple(cell[32, 47]) == report.GT_COLOUR
     assert tuple(cell[16, 32]) == report.GT_COLOUR and tuple(cell[47, 32]) == report.GT_COLOUR
     assert tuple(cell[32, 32]) == (128, 128, 128)  # inside is untouched
-    assert tuple(cell[4, 0]) == report.METHOD_COLOURS[0] and tuple(cell[7, 20]) == report.METHOD_COLOURS[0]
+    ours_colour = report.METHOD_COLOURS[0]
+    assert tuple(cell[4, 0]) == ours_colour and tuple(cell[7, 20]) == ours_colour
     second = img[legend:legend + 64, 68:132]
     ours = (second == np.array(report.METHOD_COLOURS[0])).all(-1)
     # NaN -> no box drawn; the tile says "ours: no box" in a label of its colour at the top

@@ -39,8 +39,8 @@ from perpo_jax.sampling import sample
 
 @dataclasses.dataclass
 class EvalResult:
-    """task; metrics (the task's metrics from `task_metrics` + samples_per_s, split); texts
-    [N] decoded greedy answers; gt: boxes [N, 4] float32 (grounding) or reference strings [N]; questions [N];
+    """task; metrics (`task_metrics` + samples_per_s, split); texts [N] decoded greedy
+    answers; gt: boxes [N, 4] float32 (grounding) or reference strings [N]; questions [N];
     images: HWC uint8 of the first `cfg.eval.num_images` examples."""
 
     task: str
