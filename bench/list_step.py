@@ -184,33 +184,10 @@ def anyres_shape(cfg, args) -> dict:
         "tiles": image_tiles(cfg, args),
         "tiles_used": 1 + (best[0] // cfg.vision.image_size) * (best[1] // cfg.vision.image_size),
         "features_per_tile": cfg.tile_patches ** 2,
-        "image_tokens": n_img, "image_tokens_transformers": transformers_image_tokens(cfg, h, w),
+        "image_tokens": n_img, "image_tokens_transformers": transformers_tokens(cfg, h, w),
         "prompt_text_tokens": args.prompt_text, "prompt_tokens": n_img + args.prompt_text,
         "candidates_K": args.candidates, "response_tokens": args.response_len,
     }
-
-
-def transformers_image_tokens(cfg, height: int, width: int):
-    """transformers' `LlavaNextProcessor` image-token count of a (height, width) image (its
-    `_get_number_of_features`, no tokenizer needed; CLS counted then dropped for "default"),
-    or an error string."""
-    import types
-
-    try:
-        from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
-
-        proc = types.SimpleNamespace(
-            image_processor=types.SimpleNamespace(
-                image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints]),
-            patch_size=cfg.vision.patch_size,
-            num_additional_image_tokens=1 if cfg.vision.family == "clip" else 0)
-        proc._get_unpadded_features = types.MethodType(
-            LlavaNextProcessor._get_unpadded_features, proc)
-        tile = cfg.vision.image_size
-        count = LlavaNextProcessor._get_number_of_features(proc, height, width, tile, tile)
-        return count - (1 if cfg.vision_feature_select_strategy == "default" else 0)
-    except Exception as err:  # a transformers without these internals: say so
-        return f"{type(err).__name__}: {err}"
 
 
 def make_batch(cfg, args):
@@ -432,15 +409,18 @@ def start_torch(model_dir: str, batch_np: dict, args):
             yield proc
         return
     # imported only here: in child mode this process never loads torch
-    import torch
-    from torch_step import build_torch
+    from torch_step import in_process_step
 
-    torch.set_num_threads(cpu_cores())  # XLA's CPU client uses every usable core too
-    step, initial = build_torch(model_dir, batch_np, **kwargs)
-    step.initial = initial
-    step.versions = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                     "torch_host_memory_kept": args.host_memory_kept}  # one process: shared
-    yield step
+    yield in_process_step(model_dir, batch_np, threads=cpu_cores(),
+                          host_memory_kept=args.host_memory_kept, **kwargs)
+
+
+def transformers_tokens(cfg, height: int, width: int):
+    """transformers' image-token count for the report (torch_step.transformers_image_tokens),
+    imported only here for the same reason as `start_torch`."""
+    from torch_step import transformers_image_tokens
+
+    return transformers_image_tokens(cfg, height, width)
 
 
 def run_and_report(cfg, args, ours, torch_step) -> dict:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
 
 import numpy as np
 import torch
 import transformers
+from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
 from perpo_jax.host_memory import keep_host_memory
 
@@ -72,6 +74,38 @@ def build_torch(model_dir: str, batch_np: dict, *, seed: int, beta: float, gamma
         once.last_loss = float(loss.detach())
 
     return once, initial
+
+
+def transformers_image_tokens(cfg, height: int, width: int):
+    """transformers' `LlavaNextProcessor` image-token count of a (height, width) image (its
+    `_get_number_of_features`, no tokenizer needed; CLS counted then dropped for "default"),
+    or an error string."""
+    try:
+        proc = types.SimpleNamespace(
+            image_processor=types.SimpleNamespace(
+                image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints]),
+            patch_size=cfg.vision.patch_size,
+            num_additional_image_tokens=1 if cfg.vision.family == "clip" else 0)
+        proc._get_unpadded_features = types.MethodType(
+            LlavaNextProcessor._get_unpadded_features, proc)
+        tile = cfg.vision.image_size
+        count = LlavaNextProcessor._get_number_of_features(proc, height, width, tile, tile)
+        return count - (1 if cfg.vision_feature_select_strategy == "default" else 0)
+    except Exception as err:  # a transformers without these internals: say so
+        return f"{type(err).__name__}: {err}"
+
+
+def in_process_step(model_dir: str, batch_np: dict, *, threads: int, host_memory_kept,
+                    seed: int, beta: float, gamma: float):
+    """The step in this process (bench/list_step.py --torch-in-process): callable, with
+    .initial summed log-probs [K] and .versions like the child's reply."""
+    torch.set_num_threads(threads)  # XLA's CPU client uses every usable core too
+    step, initial = build_torch(model_dir, batch_np, seed=seed, beta=beta, gamma=gamma)
+    step.initial = initial
+    step.versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "torch_threads": torch.get_num_threads(),
+                     "torch_host_memory_kept": host_memory_kept}  # one process: shared
+    return step
 
 
 def serve(argv=None):

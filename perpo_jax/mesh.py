@@ -161,6 +161,9 @@ def traced_under_mesh(fn, mesh: Mesh | None):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args, **kwargs)
 
+    # a functools.partial has no __name__ to copy: name the program after the function it binds
+    traced.__name__ = getattr(fn, "__name__", None) or getattr(
+        getattr(fn, "func", None), "__name__", "traced")
     return traced
 
 

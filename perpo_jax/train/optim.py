@@ -64,11 +64,12 @@ def _decay_mask(params):
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax chain giving AdamW's update at lr = 1, lr schedule) for `cfg` (`OptimConfig`).
 
-    Chain: clip_by_global_norm(grad_clip) (skipped when grad_clip <= 0) -> scale_by_adam(b1,
-    b2, eps) -> add_decayed_weights(weight_decay, >=2-D params) -> scale(-1). The update of
-    step t is `schedule(t) * chain_update`, which is exactly optax.adamw(schedule)'s update
+    Chain: clip_by_global_norm(grad_clip) -> scale_by_adam(b1, b2, eps) ->
+    add_decayed_weights(weight_decay, >=2-D params) -> scale(-1). The update of step t is `schedule(t) * chain_update`, which is exactly optax.adamw(schedule)'s update
     when no step is skipped. Optimizer state has the params' tree structure, so it is sharded
-    with the same rules (see `train.state`).
+    with the same rules (see `train.state`). A run's config must have grad_clip > 0
+    (validation rejects 0, which reads like "clip everything"); a direct caller passing an
+    `OptimConfig` with grad_clip <= 0 gets no clipping.
     """
     if cfg.grad_accum < 1:
         raise ValueError(f"optim.grad_accum must be >= 1, got {cfg.grad_accum}")
