@@ -25,11 +25,9 @@ analytic estimate (it was 2.5-6x low against XLA): without a compile
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import gc
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +56,6 @@ from perpo_jax.train.step import build_ref_logps, build_train_step, uses_referen
 GIB = 1024 ** 3
 PROMPT_TEXT_TOKENS = 64  # question + template around the image tokens (plan's default)
 LARGEST_BUFFERS = 8  # buffers listed per program
-COMPILE_WORKERS = 2  # programs compiled at once (threads; XLA compiles without the GIL)
 
 
 # ----------------------------------------------------------------------------- model
@@ -308,59 +305,50 @@ def _program_entry(stats: dict, beside: int, hbm_bytes: float) -> dict:
     return entry
 
 
+def _release() -> None:
+    """Drops jax's cached lowerings and executables: nothing is run, and a 7B program holds
+    GBs of host memory (the v4-8 7B round was killed at 15 GB RSS on a 24 GB host without)."""
+    jax.clear_caches()
+    gc.collect()
+
+
 def compile_round(cfg: Config, config, parts, batch: dict, mesh, *, platform: str,
-                  hbm_bytes: float, progress=None, workers: int = COMPILE_WORKERS) -> dict:
+                  hbm_bytes: float, progress=None) -> dict:
     """Every program of a round compiled for `mesh`: name -> `compile_stats` dict plus
     beside_bytes and fits (peak + beside within `hbm_bytes`). `progress(name, entry)` is
-    called as each program is done (a 7B round takes minutes).
-
-    The programs are independent (the decode step only needs prefill's output shardings, so
-    it follows prefill on the same worker) and XLA compiles without the GIL: `workers`
-    threads compile them side by side (the 7B step and the reference overlap)."""
+    called as each program is done (a 7B round takes many minutes)."""
     graphdef, params, frozen, reference = parts
     optimizer, _ = make_optimizer(cfg.optim, 1000)
     state = jax.eval_shape(lambda p: init_train_state(p, optimizer, cfg.train.seed), params)
     resident = resident_bytes(parts, state, mesh)
     total = sum(resident.values())
-    order, held_by, results = [], {}, {}
+    programs = {}
 
-    def compiled_stats(lowered) -> dict:
-        stats, compiled = compile_stats(lowered, platform=platform, top=LARGEST_BUFFERS)
-        del compiled  # nothing runs; a 7B executable holds GBs of host memory
-        gc.collect()
-        return stats
+    def done(name, stats, held):
+        beside = 0 if held is None else total - sum(resident[h] for h in held)
+        programs[name] = _program_entry(stats, beside, hbm_bytes)
+        if progress is not None:
+            progress(name, programs[name])
 
-    def sampler_stats(full_graphdef, spec, args) -> list:
+    for name, lowered, held in _step_programs(cfg, parts, state, batch, mesh):
+        stats, _ = compile_stats(lowered, platform=platform, top=LARGEST_BUFFERS)
+        del lowered
+        _release()
+        done(name, stats, held)
+    if rounds.uses_sampling(cfg):
+        full_graphdef, spec, args, held = _sampler_args(cfg, config, parts, batch, mesh)
         lowered = sampling.prefill_program(full_graphdef, spec).lower(*args)
         stats, compiled = compile_stats(lowered, platform=platform, top=LARGEST_BUFFERS)
         decode_args = _decode_args(args, compiled, lowered, mesh)
         del lowered, compiled
-        gc.collect()
-        decode = sampling.decode_step_program(full_graphdef, spec).lower(*decode_args)
-        return [("prefill", stats), ("decode_step", compiled_stats(decode))]
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = []
-        for name, lowered, held in _step_programs(cfg, parts, state, batch, mesh):
-            order.append(name)
-            held_by[name] = held
-            futures.append(pool.submit(lambda n, lw: [(n, compiled_stats(lw))], name, lowered))
-            del lowered
-        if rounds.uses_sampling(cfg):
-            full_graphdef, spec, args, held = _sampler_args(cfg, config, parts, batch, mesh)
-            order += ["prefill", "decode_step"]
-            held_by.update(prefill=held, decode_step=held)
-            futures.append(pool.submit(sampler_stats, full_graphdef, spec, args))
-        for future in concurrent.futures.as_completed(futures):
-            for name, stats in future.result():
-                held = held_by[name]
-                beside = 0 if held is None else total - sum(resident[h] for h in held)
-                results[name] = _program_entry(stats, beside, hbm_bytes)
-                if progress is not None:
-                    progress(name, results[name])
-    jax.clear_caches()  # drops the cached lowerings too (the v4-8 7B round hit 15 GB without)
-    gc.collect()
-    return {name: results[name] for name in order}
+        _release()
+        done("prefill", stats, held)
+        decode = sampling.decode_step_program(full_graphdef, spec)
+        stats, _ = compile_stats(decode.lower(*decode_args), platform=platform,
+                                 top=LARGEST_BUFFERS)
+        _release()
+        done("decode_step", stats, held)
+    return programs
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -430,12 +418,10 @@ def memory_plan(cfg: Config, *, devices: int | None = None, hbm_gib: float | Non
         floor = sum(per_device.values())
         return dict(plan, programs={}, peak_bytes_per_device=int(floor),
                     peak_source="analytic_lower_bound", compile_seconds=0.0,
-                    compile_wall_seconds=0.0, compiler_error=None, fits=False if floor > hbm_gib * GIB else None)
+                    compiler_error=None, fits=False if floor > hbm_gib * GIB else None)
     mesh = make_mesh(cfg.mesh.shape, devices=devs)
-    t0 = time.perf_counter()
     programs = compile_round(cfg, config, parts, batch, mesh, platform=devs[0].platform,
                              hbm_bytes=hbm_gib * GIB, progress=progress)
-    wall = time.perf_counter() - t0
     for name, flops in model_flops(cfg, config, batch).items():
         if name in programs:
             programs[name]["model_flops_per_chip"] = flops / count
@@ -445,7 +431,6 @@ def memory_plan(cfg: Config, *, devices: int | None = None, hbm_gib: float | Non
     return dict(plan, programs=programs, peak_bytes_per_device=int(max(peaks, default=0)),
                 peak_source="compiled",
                 compile_seconds=round(sum(p["compile_seconds"] for p in programs.values()), 2),
-                compile_wall_seconds=round(wall, 2),  # < the sum: programs compile side by side
                 compiler_error=errors[0] if errors else None,
                 fits=all(p["fits"] for p in programs.values()))
 

@@ -76,7 +76,6 @@ def test_v5e_8_round_compiles_and_fits_with_the_json_keys(v5e8, capsys):
     assert plan["devices"] == 8 and plan["hbm_gib"] == 15.75
     assert plan["peak_source"] == "compiled" and plan["fits"] is True
     assert plan["compiler_error"] is None and plan["compile_seconds"] > 0
-    assert plan["compile_wall_seconds"] > 0
     assert set(plan["programs"]) == {"train_step"}
     for program in plan["programs"].values():
         assert {"fits", "compiler_error", "compile_seconds", "peak_bytes", "argument_bytes",
