@@ -254,7 +254,7 @@ class M3poConfig:
     """M3PO pair selection (perpo_jax/m3po.py). pairs: none (train on the full lists, PerPO &
     co.) | m3p (M3P-Score hard negatives) | random (vanilla DPO: a random pair whose MAS differ
     by >= delta) | rm (RM-DPO: best vs worst MAS). mas: reward (the task reward) | clip (CLIP
-    image-text similarity of m3po.clip_path) | a name given to m3po.register_mas_scorer."""
+    image-text similarity of m3po.clip_path) | a name given to perpo_jax.mas.register_mas_scorer."""
 
     pairs: str = "none"
     mas: str = "reward"
