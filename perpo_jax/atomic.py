@@ -9,6 +9,8 @@ For a store URL (gs://, no rename there) the temp is local and `perpo_jax.storag
 on success: a file as one object (appears whole), a dir file by file with its commit marker
 written last (`storage.COMMIT_MARKER`; readers refuse a URL dir without it).
 
+A log that grows (`AppendFile`) is appended to locally and rewritten whole on a store.
+
 The temp lives in the target's parent so the final rename stays on one filesystem. What
 appears at the target has the modes a plain `mkdir` / `open(..., "w")` would give it (the
 umask's; a replaced file keeps its mode), not the private 0700 / 0600 of `tempfile` or of
@@ -25,7 +27,7 @@ import tempfile
 from collections.abc import Iterator
 
 from perpo_jax import storage
-from perpo_jax.storage import is_url  # noqa: F401  (re-exported: callers import it from here)
+from perpo_jax.storage import is_url
 
 
 def current_umask() -> int:
@@ -125,3 +127,43 @@ def atomic_file(path: str) -> Iterator[str]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+class AppendFile:
+    """A file that is appended to (logs). Local: `open(..., "ab")`. URL (no append in a store):
+    the contents are kept here and the whole object is rewritten on each append — a kill
+    leaves the previous whole version, never a torn line."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._cache: bytes | None = None  # URL only: the object's bytes as last seen/written
+
+    def read(self) -> bytes:
+        if self._cache is not None:
+            return self._cache
+        if not storage.exists(self.path):
+            return b""
+        data = storage.read_bytes(self.path)
+        if is_url(self.path):
+            self._cache = data
+        return data
+
+    def exists(self) -> bool:
+        return self._cache is not None or storage.exists(self.path)
+
+    def append(self, data: bytes) -> None:
+        if not is_url(self.path):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "ab") as f:
+                f.write(data)
+            return
+        self.rewrite(self.read() + data)
+
+    def rewrite(self, data: bytes) -> None:
+        """Replaces the contents whole (locally: write-then-rename)."""
+        if is_url(self.path):
+            storage.write_object(self.path, data)
+            self._cache = data
+            return
+        with atomic_file(self.path) as tmp, open(tmp, "wb") as f:
+            f.write(data)

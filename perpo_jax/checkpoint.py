@@ -53,8 +53,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from perpo_jax.atomic import is_url
 from perpo_jax.hf.errors import CheckpointError
+from perpo_jax.storage import is_url
 from perpo_jax.write_checks import as_write_error, write_errno
 
 STATE_ITEM = "train_state"

@@ -18,8 +18,6 @@ from typing import Any
 
 import yaml
 
-from perpo_jax.data import ocr_text, shapes_scene
-
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the dotted key."""
@@ -42,6 +40,42 @@ _YAML11_BOOLS = frozenset({"yes", "no", "on", "off", "y", "n"})
 
 def _read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictBoolLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+# Limits of the synthetic scenes, checked here when a config loads and again by the data
+# builders that draw them (data/shapes_scene.py and data/ocr_text.py take them from here:
+# config.py imports nothing of the project).
+# shapes_grounding box side as a fraction of the image side: (small min, small max, large min,
+# large max); larger shapes need less pixel precision for IoU >= 0.5
+SHAPE_SIDES = (0.14, 0.20, 0.30, 0.42)
+OCR_MAX_LINES, OCR_MAX_WORDS = 3, 2  # shapes_ocr defaults: 1-3 lines of 1-2 words
+# where the text block goes. A tiny model learns to read text at a fixed place far sooner
+# than anywhere (one word, 1,600 SFT updates: NED 0.83 at `left` vs 0.98 at `random`)
+OCR_PLACEMENTS = ("random", "left")
+
+
+def check_shape_sides(sides) -> tuple[float, ...]:
+    """`sides` as a 4-tuple of floats (see SHAPE_SIDES), else a ValueError saying what is wrong."""
+    sides = tuple(float(x) for x in sides)
+    if len(sides) != 4 or not 0 < sides[0] <= sides[1] < sides[2] <= sides[3] <= 1:
+        raise ValueError("shape sides: need 4 fractions of the image side, 0 < small min <= "
+                         f"small max < large min <= large max <= 1, got {list(sides)}")
+    return sides
+
+
+def check_ocr_text(font_size: int, max_lines: int, max_words: int, pitch: int = 0,
+                   placement: str = "random") -> None:
+    """ValueError starting with the parameter's name when a text setting cannot render."""
+    if placement not in OCR_PLACEMENTS:
+        raise ValueError(f"placement: one of {', '.join(OCR_PLACEMENTS)}, got {placement!r}")
+    if pitch < 0:
+        raise ValueError(f"pitch: need 0 (proportional) or a cell width in pixels, got {pitch}")
+    if font_size < 6:
+        raise ValueError(f"font_size: need >= 6 pixels for legible characters, got {font_size}")
+    if max_lines < 1:
+        raise ValueError(f"max_lines: need >= 1 line, got {max_lines}")
+    if max_words < 1:
+        raise ValueError(f"max_words: need >= 1 word per line, got {max_words}")
 
 
 LLM_LINEARS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -203,14 +237,14 @@ class DataConfig:
     relations: bool = True
     # shapes_grounding box sides as fractions of image_size: [small min, small max, large min,
     # large max]; larger shapes need less pixel precision for IoU >= 0.5
-    shape_sides: list[float] = field(default_factory=lambda: list(shapes_scene.SIDES))
+    shape_sides: list[float] = field(default_factory=lambda: list(SHAPE_SIDES))
     # shapes_ocr text: font size (pixels), at most ocr_max_lines lines of ocr_max_words words
     # (2-6 characters each), and ocr_pitch: 0 = the font's proportional spacing, > 0 = each
     # character centred in a cell this many pixels wide (monospace: character k sits at a
     # fixed offset from the first, an easier reading task, like less text)
     ocr_font_size: int = 12
-    ocr_max_lines: int = ocr_text.MAX_LINES
-    ocr_max_words: int = ocr_text.MAX_WORDS
+    ocr_max_lines: int = OCR_MAX_LINES
+    ocr_max_words: int = OCR_MAX_WORDS
     ocr_pitch: int = 0
     ocr_placement: str = "random"  # random (anywhere) | left (a word crop: left edge, centred)
 
@@ -220,7 +254,7 @@ class M3poConfig:
     """M3PO pair selection (perpo_jax/m3po.py). pairs: none (train on the full lists, PerPO &
     co.) | m3p (M3P-Score hard negatives) | random (vanilla DPO: a random pair whose MAS differ
     by >= delta) | rm (RM-DPO: best vs worst MAS). mas: reward (the task reward) | clip (CLIP
-    image-text similarity of m3po.clip_path) | a name given to m3po.register_mas_scorer."""
+    image-text similarity of m3po.clip_path) | a name given to perpo_jax.mas.register_mas_scorer."""
 
     pairs: str = "none"
     mas: str = "reward"
@@ -495,12 +529,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.min_objects / data.max_objects: need 1 <= min <= max, got "
                           f"{cfg.data.min_objects} / {cfg.data.max_objects}")
     try:
-        shapes_scene.check_sides(cfg.data.shape_sides)
+        check_shape_sides(cfg.data.shape_sides)
     except ValueError as e:
         raise ConfigError(f"data.shape_sides: {e}") from None
     try:
-        ocr_text.check_text(cfg.data.ocr_font_size, cfg.data.ocr_max_lines,
-                            cfg.data.ocr_max_words, cfg.data.ocr_pitch, cfg.data.ocr_placement)
+        check_ocr_text(cfg.data.ocr_font_size, cfg.data.ocr_max_lines,
+                       cfg.data.ocr_max_words, cfg.data.ocr_pitch, cfg.data.ocr_placement)
     except ValueError as e:
         raise ConfigError(f"data.ocr_{e}") from None  # e names the parameter: font_size: ...
     if not 0.0 <= cfg.m3po.alpha <= 1.0:

@@ -18,16 +18,16 @@ Exact ties go to the lowest index in both argmaxes. Baseline pairings over the s
 `random_pairs` (vanilla DPO: a uniformly random pair whose MAS differ by ≥ delta, the higher
 one chosen) and `rm_pairs` (RM-DPO: best vs worst MAS, when they differ by ≥ delta).
 
-In training (`train.loop` with `m3po.pairs != none`) a round's sampled lists are scored once
-more by the POLICY through the prefix-shared `scoring.list_logprobs` (image + prompt once per
-list), `m = summed log-prob / response length`, and each list is cut down to its selected pair
-(a K = 2 list, MAS as its rewards) before the reference log-probs and the DPO updates.
+This module is the selection only. In training (`m3po.pairs != none`) `train.rounds.
+select_round_pairs` scores a round's sampled lists once more by the POLICY
+(`train.step.build_policy_logps`: the prefix-shared `scoring.list_logprobs`, image + prompt once
+per list), takes `m = summed log-prob / response length` (`mean_token_logps`), and cuts each
+list down to its selected pair (`pair_arrays`: a K = 2 list, MAS as its rewards) before the
+reference log-probs and the DPO updates. The MAS scorers (task reward, CLIP, registered ones)
+are `perpo_jax.mas`.
 """
 
 from __future__ import annotations
-
-import functools
-from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -136,45 +136,6 @@ def mean_token_logps(summed, response_mask) -> np.ndarray:
     return np.where(lengths > 0, summed / np.maximum(lengths, 1), 0.0)
 
 
-# ----------------------------------------------------------------------------- MAS scorers
-
-# A MAS scorer maps (texts [K], example, target) -> [K] float in [0, 1]; `example` has
-# .image (HWC uint8) and .question. Built lazily from the config by a factory.
-MasScorer = Callable[[Sequence[str], Any, Any], np.ndarray]
-MAS_SCORERS: dict[str, Callable[[Any], MasScorer]] = {}
-
-
-def register_mas_scorer(name: str, factory: Callable[[Any], MasScorer], *,
-                        overwrite: bool = False) -> None:
-    """Registers `factory(cfg) -> scorer` under `name` (the config's `m3po.mas`)."""
-    if name in ("reward", "clip") or (name in MAS_SCORERS and not overwrite):
-        raise ValueError(f"MAS scorer {name!r} is already defined")
-    MAS_SCORERS[name] = factory
-
-
-@functools.lru_cache(maxsize=2)
-def _clip_scorer(path: str):
-    from perpo_jax.models.clip_text import ClipScorer
-
-    return ClipScorer.from_hf(path)
-
-
-def mas_scorer(cfg) -> MasScorer | None:
-    """The scorer of `cfg.m3po.mas`; None for "reward" (the task reward is the MAS)."""
-    name = cfg.m3po.mas
-    if name == "reward":
-        return None
-    if name == "clip":
-        if not cfg.m3po.clip_path:
-            raise ValueError("m3po.mas=clip needs m3po.clip_path (a local HF CLIPModel dir)")
-        scorer = _clip_scorer(cfg.m3po.clip_path)
-        return lambda texts, example, target: scorer.mas(example.image, list(texts))
-    if name not in MAS_SCORERS:
-        raise ValueError(f"m3po.mas={name!r}: not reward, clip or a registered scorer "
-                         f"({sorted(MAS_SCORERS)})")
-    return MAS_SCORERS[name](cfg)
-
-
 # ----------------------------------------------------------------------------- lists → pairs
 
 
@@ -196,62 +157,3 @@ def pair_arrays(arrays: dict[str, np.ndarray], chosen, rejected, valid, mas
     out["list_mask"] = np.ones(idx.shape, bool)
     out.pop("ref_logps", None)
     return out
-
-
-def build_policy_logps(graphdef, params, frozen, *, mesh, shared_prefix: bool = True):
-    """Jitted policy_logps(params, frozen, batch) -> [B, K] float32 summed log-probs of the
-    candidates under the current POLICY (prefix-shared: image + prompt once per list)."""
-    import jax
-
-    from perpo_jax.mesh import batch_sharding, state_shardings
-    from perpo_jax.scoring import list_logprobs
-    from perpo_jax.train.step import policy_model
-
-    def fn(params, frozen, batch):
-        return jax.lax.stop_gradient(
-            list_logprobs(policy_model(graphdef, params, frozen), batch,
-                          shared_prefix=shared_prefix))
-
-    return jax.jit(fn, in_shardings=(state_shardings(params, mesh), state_shardings(frozen, mesh),
-                                     batch_sharding(mesh, 1)),
-                   out_shardings=batch_sharding(mesh, 2))
-
-
-def select_round_pairs(lists, policy_fn, state, frozen, mesh, rows: int, most_lists: int,
-                       m3po_cfg, seed: int, round_index: int):
-    """Cuts a round's ListSet (K candidates per list, rewards = MAS) down to one pair per list
-    with the configured pairing. The policy's mean token log-probs are computed in batches of
-    `rows` lists (every host makes ceil(most_lists / rows) calls). Returns a new ListSet."""
-    from perpo_jax.train.hosts import local_rows, to_global
-    from perpo_jax.train.listset import ListSet
-
-    n = len(lists)
-    summed = np.zeros(lists.arrays["rewards"].shape, np.float32) if lists.arrays else None
-    if m3po_cfg.pairs == "m3p" and most_lists:
-        if policy_fn is None:
-            raise ValueError("m3po.pairs=m3p needs the policy's log-probs (policy_fn)")
-        for start in range(0, most_lists, rows):
-            idx = list(range(start, min(start + rows, n)))
-            batch = to_global(lists.step_batch(idx, rows), mesh)
-            out = local_rows(policy_fn(state.params, frozen, batch))
-            summed[start:start + len(idx)] = out[:len(idx)]
-    stats = dict(lists.stats)
-    if not n:
-        stats.update(pairs_kept=0.0, dropped_no_pair=0.0)
-        return ListSet(lists.arrays, stats)
-    mean_logp = mean_token_logps(summed, lists.arrays["response_mask"])
-    mas = np.clip(lists.arrays["rewards"], 0.0, 1.0)
-    mask = lists.arrays["list_mask"]
-    chosen, rejected, valid = select_pairs(
-        m3po_cfg.pairs, mas, mean_logp, mask, alpha=m3po_cfg.alpha, lam=m3po_cfg.lam,
-        delta=m3po_cfg.delta, rng=np.random.default_rng([seed, round_index, 15]))
-    stats.update(pairs_kept=float(valid.sum()), dropped_no_pair=float((~valid).sum()),
-                 lists_kept=float(valid.sum()))
-    if valid.any():
-        rows_ = np.flatnonzero(valid)
-        conf = confidence(mean_logp)
-        stats["negative_confidence"] = float(conf[rows_, rejected[rows_]].mean())
-        stats["negative_mas"] = float(mas[rows_, rejected[rows_]].mean())
-        stats["chosen_mas"] = float(mas[rows_, chosen[rows_]].mean())
-        return ListSet(pair_arrays(lists.arrays, chosen, rejected, valid, mas), stats)
-    return ListSet({}, stats)

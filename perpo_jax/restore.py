@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from perpo_jax import storage
-from perpo_jax.atomic import atomic_dir, is_url
+from perpo_jax.atomic import atomic_dir
 from perpo_jax.checkpoint import (STATE_ITEM, Checkpointer, is_storage_error,
                                   quiet_failed_read_noise, restore_target, short_reason,
                                   unreadable_step_error)
@@ -40,6 +40,7 @@ from perpo_jax.models.config import as_jnp_dtype
 from perpo_jax.models.from_config import build_model, check_model_processor, place_on_mesh
 from perpo_jax.models.lora import apply_lora, trainable_filter
 from perpo_jax.models.lora import merge_lora as merge_adapters
+from perpo_jax.storage import is_url
 
 
 PARAMS_ITEM = "params"

@@ -2,7 +2,8 @@
 
 Local paths go to `os`; URLs to fsspec (gcsfs for gs://, the backend etils.epath and orbax use
 too; install the `gcs` extra). A store has no rename, so the write-then-rename of
-`perpo_jax.atomic` becomes, for a URL:
+`perpo_jax.atomic` (which builds on this module; this one imports nothing of the project)
+becomes, for a URL:
 
 - a FILE is written locally and uploaded as one object: a GCS object appears whole or not at
   all, so a file needs no marker;
@@ -169,45 +170,3 @@ def local_copy(path: str, what: str = "directory") -> Iterator[str]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-class AppendFile:
-    """A file that is appended to (logs). Local: `open(..., "ab")`. URL (no append in a store):
-    the contents are kept here and the whole object is rewritten on each append — a kill
-    leaves the previous whole version, never a torn line."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._cache: bytes | None = None  # URL only: the object's bytes as last seen/written
-
-    def read(self) -> bytes:
-        if self._cache is not None:
-            return self._cache
-        if not exists(self.path):
-            return b""
-        data = read_bytes(self.path)
-        if is_url(self.path):
-            self._cache = data
-        return data
-
-    def exists(self) -> bool:
-        return self._cache is not None or exists(self.path)
-
-    def append(self, data: bytes) -> None:
-        if not is_url(self.path):
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(self.path, "ab") as f:
-                f.write(data)
-            return
-        self.rewrite(self.read() + data)
-
-    def rewrite(self, data: bytes) -> None:
-        """Replaces the contents whole (locally: write-then-rename)."""
-        if is_url(self.path):
-            write_object(self.path, data)
-            self._cache = data
-            return
-        from perpo_jax.atomic import atomic_file
-
-        with atomic_file(self.path) as tmp, open(tmp, "wb") as f:
-            f.write(data)

@@ -27,7 +27,8 @@ def test_clip_logits_match_transformers(tmp_path, eos):
     import torch
 
     from perpo_jax.hf import load_pretrained
-    from perpo_jax.models.clip_text import ClipModel, clip_mas
+    from perpo_jax.mas import clip_mas
+    from perpo_jax.models.clip_text import ClipModel
 
     hf = _tiny_clip(eos)
     hf.save_pretrained(tmp_path)
@@ -68,7 +69,7 @@ def test_clip_scorer_gives_calibrated_mas(tmp_path):
     from transformers import CLIPImageProcessorPil
 
     from perpo_jax.hf import load_pretrained
-    from perpo_jax.models.clip_text import ClipScorer, clip_mas
+    from perpo_jax.mas import ClipScorer, clip_mas
 
     hf = _tiny_clip(98)
     hf.save_pretrained(tmp_path)
@@ -141,7 +142,7 @@ def test_clip_scorer_from_an_hf_dir(tmp_path):
     import torch
     from transformers import CLIPImageProcessorPil
 
-    from perpo_jax.models.clip_text import ClipScorer, clip_mas
+    from perpo_jax.mas import ClipScorer, clip_mas
 
     hf, tok = save_tiny_clip_dir(tmp_path)
     scorer = ClipScorer.from_hf(str(tmp_path))

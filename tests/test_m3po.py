@@ -225,7 +225,7 @@ def test_m3po_on_shapes_pope_with_a_registered_mas_scorer(tmp_path):
     from perpo_jax.data import prepare, shapes_pope
     from perpo_jax.data.examples import record_example
     from perpo_jax.eval.pope import evaluate_pope
-    from perpo_jax.m3po import MAS_SCORERS, register_mas_scorer
+    from perpo_jax.mas import MAS_SCORERS, register_mas_scorer
     from perpo_jax.train.loop import train
 
     if "test_digits_mas" not in MAS_SCORERS:

@@ -12,27 +12,15 @@ import string
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from perpo_jax.config import OCR_MAX_LINES as MAX_LINES
+from perpo_jax.config import OCR_MAX_WORDS as MAX_WORDS
+from perpo_jax.config import OCR_PLACEMENTS as PLACEMENTS
+from perpo_jax.config import check_ocr_text as check_text
+
 ALPHABET = string.ascii_lowercase + string.digits
 INK_THRESHOLD = 110  # every channel of an ink pixel is below this, of a background pixel above
-MAX_LINES, MAX_WORDS = 3, 2  # the defaults: 1-3 lines of 1-2 words
-# where the text block goes. A tiny model learns to read text at a fixed place far sooner
-# than anywhere (one word, 1,600 SFT updates: NED 0.83 at `left` vs 0.98 at `random`)
-PLACEMENTS = ("random", "left")
-
-
-def check_text(font_size: int, max_lines: int, max_words: int, pitch: int = 0,
-               placement: str = "random") -> None:
-    """ValueError starting with the parameter's name when a text setting cannot render."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement: one of {', '.join(PLACEMENTS)}, got {placement!r}")
-    if pitch < 0:
-        raise ValueError(f"pitch: need 0 (proportional) or a cell width in pixels, got {pitch}")
-    if font_size < 6:
-        raise ValueError(f"font_size: need >= 6 pixels for legible characters, got {font_size}")
-    if max_lines < 1:
-        raise ValueError(f"max_lines: need >= 1 line, got {max_lines}")
-    if max_words < 1:
-        raise ValueError(f"max_words: need >= 1 word per line, got {max_words}")
+# MAX_LINES / MAX_WORDS (the defaults), PLACEMENTS and check_text are config.py's: it checks
+# data.ocr_* when a config loads, and imports nothing of the project
 
 
 def random_text(rng: np.random.Generator, max_lines: int = MAX_LINES,

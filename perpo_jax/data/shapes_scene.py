@@ -26,6 +26,11 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
+# SIDES and check_sides are config.py's: it checks data.shape_sides when a config loads, and
+# imports nothing of the project
+from perpo_jax.config import SHAPE_SIDES as SIDES
+from perpo_jax.config import check_shape_sides as check_sides
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
     "red": (220, 30, 30),
@@ -39,9 +44,6 @@ COLOUR_NAMES = tuple(COLOURS)
 SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
 
-# side length of a shape's box as a fraction of the image side: (small min, small max, large
-# min, large max); larger shapes need less pixel precision for IoU >= 0.5
-SIDES = (0.14, 0.20, 0.30, 0.42)
 GAP = 3  # background pixels kept between non-overlapping boxes
 INSET = 2  # a small object inside a large one keeps this far from the large box's border
 MIN_OBJECTS, MAX_OBJECTS = 2, 5
@@ -63,15 +65,6 @@ class ShapeObject:
 
 
 # ----------------------------------------------------------------------------- layout
-
-
-def check_sides(sides) -> tuple[float, ...]:
-    """`sides` as a 4-tuple of floats (see SIDES), else a ValueError saying what is wrong."""
-    sides = tuple(float(x) for x in sides)
-    if len(sides) != 4 or not 0 < sides[0] <= sides[1] < sides[2] <= sides[3] <= 1:
-        raise ValueError("shape sides: need 4 fractions of the image side, 0 < small min <= "
-                         f"small max < large min <= large max <= 1, got {list(sides)}")
-    return sides
 
 
 def _side_range(size: str, image_size: int, sides=SIDES) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from perpo_jax.hf.errors import AnyresNotSupportedError, CheckpointError
+from perpo_jax.models.clip_text import ClipConfig, ClipTextConfig
 from perpo_jax.models.config import (LlavaConfig, LlavaNextConfig, RopeScaling, TextConfig,
                                      VisionConfig)
 
@@ -165,8 +166,6 @@ CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2
 
 def clip_config_from_hf(d: dict, dtype: str = "float32", where: str = "config.json"):
     """A CLIPModel config.json dict -> ClipConfig (text + vision towers, projections)."""
-    from perpo_jax.models.clip_text import ClipConfig, ClipTextConfig
-
     t = dict(CLIP_TEXT_DEFAULTS)
     t.update({k: v for k, v in (d.get("text_config") or {}).items() if v is not None})
     vision = dict(d.get("vision_config") or {})

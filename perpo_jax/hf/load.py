@@ -31,6 +31,7 @@ from perpo_jax.hf.mapping import (
     to_ours,
 )
 from perpo_jax.hf.safetensors_io import ShardReader, TensorInfo, checkpoint_index
+from perpo_jax.models.clip_text import ClipConfig, build_clip
 from perpo_jax.models.config import LlavaConfig, dtype_name
 from perpo_jax.models.llava import build_model
 
@@ -129,8 +130,6 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh=None):
 
 def _builder(config):
     """The module builder of a config: CLIPModel (`models.clip_text`) or our LLaVA / LM."""
-    from perpo_jax.models.clip_text import ClipConfig, build_clip
-
     return build_clip if isinstance(config, ClipConfig) else build_model
 
 

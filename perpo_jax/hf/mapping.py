@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perpo_jax.models.clip_text import ClipConfig
 from perpo_jax.models.config import LlavaConfig, LlavaNextConfig, TextConfig, VisionConfig
 
 
@@ -180,8 +181,6 @@ def clip_entries(cfg) -> list[Entry]:
 def entries_for(config) -> list[Entry]:
     """The table for a model config (TextConfig -> plain causal LM, LlavaConfig -> LLaVA,
     ClipConfig -> CLIPModel)."""
-    from perpo_jax.models.clip_text import ClipConfig
-
     if isinstance(config, ClipConfig):
         return clip_entries(config)
     if isinstance(config, LlavaConfig):

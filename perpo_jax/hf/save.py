@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from perpo_jax.atomic import atomic_dir, is_url
+from perpo_jax.atomic import atomic_dir
 from perpo_jax.hf.config_map import config_to_hf
 from perpo_jax.hf.errors import CheckpointError
 from perpo_jax.hf.mapping import entries_for, hf_shape, layer_shape, to_hf
@@ -30,6 +30,7 @@ from perpo_jax.hf.safetensors_io import (
     write_shard,
 )
 from perpo_jax.models.layers import Linear
+from perpo_jax.storage import is_url
 
 # Files of a source checkpoint that are NOT copied (weights and the config we rewrite).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".index.json")

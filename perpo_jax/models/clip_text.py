@@ -7,9 +7,8 @@ with a causal + padding mask) -> final LayerNorm -> the hidden state at the firs
 text_projection. Vision: class token after `post_layernorm` -> visual_projection. Logits:
 exp(logit_scale) · cos(image, text), [B_images, B_texts] (HF `logits_per_image`).
 
-`ClipScorer` wraps a loaded model with its tokenizer and image processor and gives the MAS
-calibration of this project: MAS = min(1, 2.5 · max(cos, 0)), i.e. CLIPScore (Hessel et al.
-2021, w = 2.5) clipped to [0, 1].
+The model only: loading it from an HF dir is `hf.load_pretrained`; the scorer with its
+tokenizer, image processor and MAS calibration is `perpo_jax.mas.ClipScorer`.
 """
 
 from __future__ import annotations
@@ -19,16 +18,12 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from perpo_jax.models.config import VisionConfig, as_jnp_dtype
 from perpo_jax.models.layers import LayerNorm, Linear, param
 from perpo_jax.models.stack import scan_layers, stack_modules
 from perpo_jax.models.vision import VisionBlock, VisionTower
-
-CLIPSCORE_W = 2.5
-
 
 @dataclass(frozen=True)
 class ClipTextConfig:
@@ -156,41 +151,3 @@ class ClipModel(nnx.Module):
 
 def build_clip(cfg: ClipConfig, *, rngs: nnx.Rngs) -> ClipModel:
     return ClipModel(cfg, rngs=rngs)
-
-
-def clip_mas(cosine) -> np.ndarray:
-    """This project's calibration of CLIP similarity to a MAS in [0, 1]:
-    min(1, 2.5 · max(cos, 0)) (CLIPScore, w = 2.5, clipped)."""
-    return np.clip(CLIPSCORE_W * np.maximum(np.asarray(cosine, np.float64), 0.0), 0.0, 1.0)
-
-
-class ClipScorer:
-    """A loaded CLIP with its tokenizer and image processor: `mas(image, texts) -> [K]`."""
-
-    def __init__(self, model: ClipModel, tokenizer, image_processor):
-        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
-        self._cosine = nnx.jit(lambda m, p, i, a: m.cosine(p, i, a))
-
-    @classmethod
-    def from_hf(cls, path: str) -> "ClipScorer":
-        """A local HF CLIPModel dir (config.json, safetensors, tokenizer, image processor)."""
-        from transformers import AutoTokenizer, CLIPImageProcessorPil
-
-        from perpo_jax.hf import load_pretrained
-
-        model = load_pretrained(path)
-        if not isinstance(model, ClipModel):
-            raise ValueError(f"{path} is not a CLIPModel checkpoint")
-        return cls(model, AutoTokenizer.from_pretrained(path),
-                   CLIPImageProcessorPil.from_pretrained(path))
-
-    def mas(self, image, texts) -> np.ndarray:
-        """[K] float in [0, 1]: `clip_mas` of image (HWC uint8) vs each text."""
-        pixels = np.asarray(self.image_processor(images=[image], return_tensors="np")["pixel_values"],
-                            np.float32)
-        max_len = self.model.config.text.max_position_embeddings
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len,
-                             return_tensors="np")
-        cos = self._cosine(self.model, jnp.asarray(pixels), jnp.asarray(tok["input_ids"]),
-                           jnp.asarray(tok["attention_mask"]))
-        return clip_mas(np.asarray(cos)[0]).astype(np.float32)

@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from perpo_jax import m3po, storage
+from perpo_jax import storage
 from perpo_jax.checkpoint import Checkpointer, PreemptionGuard
 from perpo_jax.config import Config, ConfigError, config_to_dict
 from perpo_jax.data import prepare
@@ -63,7 +63,8 @@ from perpo_jax.train.run_lock import RunLock
 from perpo_jax.train.run_log import RunLog, plot_curves
 from perpo_jax.train.state import (create_train_state, partition_model, reference_state,
                                    trained_model, with_storage_dtypes)
-from perpo_jax.train.step import build_ref_logps, build_train_step, uses_reference
+from perpo_jax.train.step import (build_policy_logps, build_ref_logps, build_train_step,
+                                  uses_reference)
 from perpo_jax.write_checks import check_writable
 
 
@@ -240,9 +241,9 @@ class _Trainer:
                                           shared_prefix=cfg.train.shared_prefix)
         self.policy_fn = None  # M3PO: the policy's log-probs of a round's candidates
         if cfg.m3po.pairs == "m3p" and rounds.uses_sampling(cfg):
-            self.policy_fn = m3po.build_policy_logps(self.parts.graphdef, self.state.params,
-                                                     self.frozen, mesh=mesh,
-                                                     shared_prefix=cfg.train.shared_prefix)
+            self.policy_fn = build_policy_logps(self.parts.graphdef, self.state.params,
+                                                self.frozen, mesh=mesh,
+                                                shared_prefix=cfg.train.shared_prefix)
         self.most_lists = 0  # the most lists any host kept this round
 
     def model(self, *, reference: bool = False):
@@ -270,9 +271,9 @@ class _Trainer:
         image_rows = {k: (v.shape[1:], v.dtype.str) for k, v in proc.image_inputs([image]).items()}
         lists, self.most_lists = rounds.align_across_hosts(lists, cfg, proc, image_rows)
         if rounds.uses_pairs(cfg):  # M3PO & baselines: each list cut to its selected pair
-            lists = m3po.select_round_pairs(lists, self.policy_fn, self.state, self.frozen,
-                                            self.mesh, self.plan.local_lists, self.most_lists,
-                                            cfg.m3po, cfg.train.seed, round_index)
+            lists = rounds.select_round_pairs(lists, self.policy_fn, self.state, self.frozen,
+                                              self.mesh, self.plan.local_lists, self.most_lists,
+                                              cfg.m3po, cfg.train.seed, round_index)
             lists, self.most_lists = rounds.align_across_hosts(lists, cfg, proc, image_rows,
                                                                num_candidates=2)
         if self.most_lists and self.ref_fn is not None:

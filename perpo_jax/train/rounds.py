@@ -1,5 +1,6 @@
 """The lists of one round: sampled and rewarded (online), pre-sampled (offline), or the
-ground truth (SFT); then made identical in shape on every host and given reference log-probs.
+ground truth (SFT); then made identical in shape on every host, cut to M3PO pairs where the
+config asks (`select_round_pairs`) and given reference log-probs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from jax.experimental import multihost_utils
 from perpo_jax.config import Config
 from perpo_jax.data.batching import PromptTooLongError, bucketed
 from perpo_jax.data.examples import prompt_batch_for, prompt_length, prompt_limit, text_of
-from perpo_jax.m3po import mas_scorer
+from perpo_jax.m3po import confidence, mean_token_logps, pair_arrays, select_pairs
+from perpo_jax.mas import mas_scorer
 from perpo_jax.rewards import build_lists, get_reward
 from perpo_jax.sampling import sample
 from perpo_jax.train.hosts import global_max, local_rows, to_global
@@ -205,6 +207,44 @@ def gather_round_lists(lists: ListSet, example_keys: np.ndarray) -> ListSet:
               for name, v in every.items()}
     order = np.argsort(arrays["source"], kind="stable")
     return ListSet({name: v[order] for name, v in arrays.items()}, stats_across_hosts(lists.stats))
+
+
+def select_round_pairs(lists, policy_fn, state, frozen, mesh, rows: int, most_lists: int,
+                       m3po_cfg, seed: int, round_index: int):
+    """Cuts a round's ListSet (K candidates per list, rewards = MAS) down to one pair per list
+    with the configured pairing. The policy's mean token log-probs are computed in batches of
+    `rows` lists (every host makes ceil(most_lists / rows) calls) by `policy_fn`
+    (`step.build_policy_logps`). Returns a new ListSet."""
+    n = len(lists)
+    summed = np.zeros(lists.arrays["rewards"].shape, np.float32) if lists.arrays else None
+    if m3po_cfg.pairs == "m3p" and most_lists:
+        if policy_fn is None:
+            raise ValueError("m3po.pairs=m3p needs the policy's log-probs (policy_fn)")
+        for start in range(0, most_lists, rows):
+            idx = list(range(start, min(start + rows, n)))
+            batch = to_global(lists.step_batch(idx, rows), mesh)
+            out = local_rows(policy_fn(state.params, frozen, batch))
+            summed[start:start + len(idx)] = out[:len(idx)]
+    stats = dict(lists.stats)
+    if not n:
+        stats.update(pairs_kept=0.0, dropped_no_pair=0.0)
+        return ListSet(lists.arrays, stats)
+    mean_logp = mean_token_logps(summed, lists.arrays["response_mask"])
+    mas = np.clip(lists.arrays["rewards"], 0.0, 1.0)
+    mask = lists.arrays["list_mask"]
+    chosen, rejected, valid = select_pairs(
+        m3po_cfg.pairs, mas, mean_logp, mask, alpha=m3po_cfg.alpha, lam=m3po_cfg.lam,
+        delta=m3po_cfg.delta, rng=np.random.default_rng([seed, round_index, 15]))
+    stats.update(pairs_kept=float(valid.sum()), dropped_no_pair=float((~valid).sum()),
+                 lists_kept=float(valid.sum()))
+    if valid.any():
+        rows_ = np.flatnonzero(valid)
+        conf = confidence(mean_logp)
+        stats["negative_confidence"] = float(conf[rows_, rejected[rows_]].mean())
+        stats["negative_mas"] = float(mas[rows_, rejected[rows_]].mean())
+        stats["chosen_mas"] = float(mas[rows_, chosen[rows_]].mean())
+        return ListSet(pair_arrays(lists.arrays, chosen, rejected, valid, mas), stats)
+    return ListSet({}, stats)
 
 
 def add_ref_logps(lists: ListSet, ref_fn, state, frozen, reference, mesh, rows: int,

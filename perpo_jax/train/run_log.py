@@ -10,7 +10,7 @@ value, so an invocation that fails before logging leaves nothing behind, and a r
 the events logged after the checkpoint it resumes from, as it does in metrics.jsonl.
 
 `out_dir` may be a store URL (gs://): there is no append in a store, so each write replaces
-the whole object (`storage.AppendFile`); the PNG is uploaded whole (`atomic_file`).
+the whole object (`atomic.AppendFile`); the PNG is uploaded whole (`atomic_file`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import masked_crc32c
 
 from perpo_jax import storage
-from perpo_jax.atomic import atomic_file
+from perpo_jax.atomic import AppendFile, atomic_file
 from perpo_jax.train.loggers import ScalarLogger, WandbRun, relogged, require_loggers
 
 CURVES = ("loss", "pair_accuracy", "mean_reward")
@@ -64,7 +64,7 @@ class EventsFile:
 
     def __init__(self, path: str):
         self.path = path
-        self._file = storage.AppendFile(path)
+        self._file = AppendFile(path)
         self._checked = False
 
     def events(self) -> list[Event]:
@@ -130,7 +130,7 @@ class RunLog:
         self.out_dir = out_dir
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        self._file = storage.AppendFile(self.path)
+        self._file = AppendFile(self.path)
         self.events = (EventsFile(os.path.join(out_dir, "tb", EVENTS_FILE))
                        if "tensorboard" in loggers else None)
         self.loggers: list[ScalarLogger] = [self.events] if self.events is not None else []

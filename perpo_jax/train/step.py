@@ -1,4 +1,4 @@
-"""The jitted, sharded training step and the reference log-prob helper.
+"""The jitted, sharded training step and the reference / policy log-prob helpers.
 
     step = build_train_step(parts.graphdef, state, frozen, reference, loss_cfg=..., optimizer=...,
                             schedule=..., mesh=mesh, grad_accum=2)
@@ -72,6 +72,12 @@ def reference_model(graphdef, params, frozen, reference):
 def reference_logps(graphdef, params, frozen, reference, batch, *, shared_prefix=True):
     """[B, K] float32 summed log-probs under the reference model (no gradient)."""
     model = reference_model(graphdef, params, frozen, reference)
+    return jax.lax.stop_gradient(list_logprobs(model, batch, shared_prefix=shared_prefix))
+
+
+def policy_logps(graphdef, params, frozen, batch, *, shared_prefix=True):
+    """[B, K] float32 summed log-probs under the current policy (no gradient, no dropout)."""
+    model = policy_model(graphdef, params, frozen)
     return jax.lax.stop_gradient(list_logprobs(model, batch, shared_prefix=shared_prefix))
 
 
@@ -313,3 +319,14 @@ def build_ref_logps(graphdef, params, frozen, reference, *, mesh: Mesh, shared_p
                       state_shardings(reference, mesh), batch_sharding(mesh, 1)),
         out_shardings=batch_sharding(mesh, 2),
     )
+
+
+def build_policy_logps(graphdef, params, frozen, *, mesh: Mesh, shared_prefix: bool = True):
+    """Jitted policy_logps(params, frozen, batch) -> [B, K] float32 summed log-probs of the
+    candidates under the current POLICY (prefix-shared: image + prompt once per list), sharded
+    like a batch array. M3PO's confidence of each sampled candidate (`rounds.select_round_pairs`).
+    """
+    fn = functools.partial(policy_logps, graphdef, shared_prefix=shared_prefix)
+    return jax.jit(fn, in_shardings=(state_shardings(params, mesh), state_shardings(frozen, mesh),
+                                     batch_sharding(mesh, 1)),
+                   out_shardings=batch_sharding(mesh, 2))
