@@ -177,17 +177,17 @@ def bench_shape(shape: str, args, work: str) -> dict:
     from perpo_jax.checkpoint import Checkpointer
     from perpo_jax.config import load_config
     from perpo_jax.data import prepare
-    from perpo_jax.models import from_config
+    from perpo_jax import assemble
     from perpo_jax.train import loop
 
     cfg = load_config(REPO / "configs" / "demo_shapes.yaml", shape_overrides(shape, args, work))
     counter = CompileCounter()
     setup = Timer(counter)
     with setup("setup"):
-        mesh = from_config.build_mesh(cfg)
+        mesh = assemble.build_mesh(cfg)
         data = prepare.prepare_data(cfg, progress=False)
         plan, loader = loop._plan_and_loader(cfg, mesh, data)
-        model = from_config.build_model(cfg, mesh, data.processor)
+        model = assemble.build_run_model(cfg, mesh, data.processor)
         trainer = loop._Trainer(cfg, data, model, mesh, plan)
         ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints"), save_every=1,
                             keep=1, async_save=cfg.checkpoint.async_save)

@@ -63,7 +63,7 @@ from perpo_jax.write_checks import WRITE_ERRNOS, OutputWriteError
 _USER_ERRORS = (("perpo_jax.hf.errors", "CheckpointError"),
                 ("perpo_jax.data.refcoco_style", "DataFileError"),
                 ("perpo_jax.data.batching", "PromptTooLongError"),
-                ("perpo_jax.models.from_config", "ModelProcessorMismatch"),
+                ("perpo_jax.assemble", "ModelProcessorMismatch"),
                 ("perpo_jax.train.run_lock", "RunDirInUse"))
 
 
@@ -83,7 +83,7 @@ def _load(args) -> Config:
 
 def _setup(cfg, *, progress: bool = True):
     """(mesh, data) for commands that need the dataset and processor."""
-    from perpo_jax.models.from_config import build_mesh
+    from perpo_jax.assemble import build_mesh
     from perpo_jax.data.prepare import prepare_data
 
     return build_mesh(cfg), prepare_data(cfg, progress=progress)
@@ -116,11 +116,11 @@ def _fit_mesh(cfg: Config, args) -> None:
 
 
 def _model(cfg, mesh, data, checkpoint: str | None):
-    from perpo_jax.models.from_config import build_model
+    from perpo_jax.assemble import build_run_model
     from perpo_jax.restore import model_from_checkpoint
 
     if checkpoint is None:
-        return build_model(cfg, mesh, data.processor)
+        return build_run_model(cfg, mesh, data.processor)
     return model_from_checkpoint(cfg, checkpoint, mesh, data.processor)
 
 
@@ -288,7 +288,7 @@ def _to_hf(args, *, merge: bool) -> int:
     """Training or converted checkpoint → transformers dir (LoRA merged when `merge`)."""
     from flax import nnx
 
-    from perpo_jax.models.from_config import build_mesh
+    from perpo_jax.assemble import build_mesh
     from perpo_jax.restore import is_params_checkpoint, model_from_checkpoint
     from perpo_jax.data.prepare import prepare_data
     from perpo_jax.hf import CheckpointError, save_pretrained
@@ -316,7 +316,7 @@ def _to_hf(args, *, merge: bool) -> int:
 
 
 def _from_hf(args) -> int:
-    from perpo_jax.models.from_config import build_mesh
+    from perpo_jax.assemble import build_mesh
     from perpo_jax.restore import save_params_checkpoint
     from perpo_jax.hf import load_pretrained
     from perpo_jax.models.config import as_jnp_dtype

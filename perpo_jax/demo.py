@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -29,84 +28,17 @@ from matplotlib.figure import Figure
 
 from perpo_jax import demo_base, demo_report
 from perpo_jax.cli_paths import Guarded, check_out_dir, clear_out, input_paths, resolve_paths
-from perpo_jax.config import Config, ConfigError, load_config
+from perpo_jax.config import Config, ConfigError
 from perpo_jax.data import prepare
 from perpo_jax.demo_args import parse_args  # noqa: F401  (the demo's CLI: demo.parse_args)
+from perpo_jax.demo_recipes import _with, demo_config, method_config, sft_config
 from perpo_jax.eval import evaluate, evaluate_pope
 from perpo_jax.hf import save_pretrained
 from perpo_jax.eval.grounding import predicted_boxes
 from perpo_jax.eval.report import draw_boxes_png, write_report
-from perpo_jax.models import from_config
+from perpo_jax import assemble
 from perpo_jax.models.lora import merge_lora
 from perpo_jax.train.loop import train
-
-DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def demo_config(args) -> Config:
-    if args.train_base:
-        name = "demo_base.yaml" if args.task == "grounding" else "demo_ocr_base.yaml"
-    else:
-        name = "demo_shapes.yaml" if args.task == "grounding" else "demo_ocr.yaml"
-    path = os.path.expanduser(args.config) if args.config else DEMO_CONFIGS / name
-    overrides = list(args.overrides)
-    if args.out and not args.train_base:  # --train-base: --out is the base dir, not the run's
-        overrides.append(f"train.out_dir={os.path.expanduser(args.out)}")
-    if args.method:
-        overrides.append(f"demo.methods=[{', '.join(args.method)}]")
-    return load_config(path, overrides)
-
-
-def _with(cfg: Config, **sections) -> Config:
-    """A copy of cfg with some fields of some sections replaced: _with(cfg, loss={"name": "dpo"})."""
-    out = dataclasses.replace(cfg)
-    for section, fields in sections.items():
-        setattr(out, section, dataclasses.replace(getattr(cfg, section), **fields))
-    return out
-
-
-def sft_config(cfg: Config, out_dir: str) -> Config:
-    """Supervised warm-up on ground-truth answers (no sampling), settings from `demo.*`."""
-    d = cfg.demo
-    return _with(
-        cfg,
-        loss={"name": "sft", "sft_target": "ground_truth"},
-        train={"rounds": d.sft_rounds, "steps": d.sft_steps, "out_dir": out_dir,
-               "lists_per_step": d.sft_lists_per_step or cfg.train.lists_per_step},
-        sampling={"prompts_per_round": d.sft_prompts_per_round or cfg.sampling.prompts_per_round},
-        optim={"lr": d.sft_lr},
-        lora={"enabled": False},
-    )
-
-
-def one_shape_config(cfg: Config, tokenizer_dir: str | None) -> Config:
-    """The base's first stage (`demo.base_warmup_rounds` > 0): cfg's shapes task cut to one
-    shape per image and attribute expressions, `demo.base_warmup_rounds` SFT rounds, and the
-    tokenizer of the task's processor (`tokenizer_dir`), so both stages share token ids."""
-    return _with(cfg, data={"min_objects": 1, "max_objects": 1, "relations": False,
-                            "tokenizer": tokenizer_dir},
-                 demo={"sft_rounds": cfg.demo.base_warmup_rounds})
-
-
-# demo method -> (m3po.pairs, m3po.alpha or None for the configured one); the loss is DPO
-M3PO_METHODS = {"m3po": ("m3p", None), "rm_dpo": ("rm", None), "vanilla_dpo": ("random", None),
-                "m3po_alpha0": ("m3p", 0.0), "m3po_alpha1": ("m3p", 1.0)}
-
-
-def method_config(cfg: Config, method: str, out_dir: str) -> Config:
-    if method in M3PO_METHODS:
-        pairs, alpha = M3PO_METHODS[method]
-        m3po = {"pairs": pairs} if alpha is None else {"pairs": pairs, "alpha": alpha}
-        return _with(cfg, loss={"name": "dpo"}, m3po=m3po, train={"out_dir": out_dir})
-    if method == "rft":  # rejection-sampling fine-tuning: SFT on each list's best sample
-        return _with(cfg, loss={"name": "sft", "sft_target": "best"}, train={"out_dir": out_dir})
-    loss = {"name": method}
-    if method == "lipo":
-        loss["gamma"] = 0.0
-    if method == "sft":
-        loss["sft_target"] = "ground_truth"
-    return _with(cfg, loss=loss, train={"out_dir": out_dir})
-
 
 def main(argv=None) -> dict:
     argv = list(argv or [])
@@ -126,13 +58,13 @@ def main(argv=None) -> dict:
     methods = list(cfg.demo.methods)
 
     t_start = time.perf_counter()
-    mesh = from_config.build_mesh(cfg)
+    mesh = assemble.build_mesh(cfg)
     data = prepare.prepare_data(cfg)
     print(f"[demo] data: {len(data.train)} train / {len(data.val)} val in {data.data_dir}; "
           f"devices: {jax.device_count()} x {jax.devices()[0].platform}", flush=True)
 
     # 1) the base: loaded, or SFT from random init until it grounds imperfectly
-    start_model = from_config.build_model(cfg, mesh, data.processor)
+    start_model = assemble.build_run_model(cfg, mesh, data.processor)
     if base_path is None:
         sft = train(sft_config(cfg, os.path.join(out, "sft_warmup")), data=data,
                     model=start_model, mesh=mesh)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from perpo_jax.atomic import atomic_dir
 from perpo_jax.config import Config, ConfigError, DataConfig
+from perpo_jax.demo_recipes import one_shape_config, sft_config
 
 BASE_CARD = "base_card.json"
 # The bases shipped with the project, one per demo task (`demo.base_path: auto` uses the one
@@ -147,10 +148,9 @@ def train_base(cfg: Config, out_dir: str, *, command: list[str], overwrite: bool
     <train.out_dir>/base_sft (and base_sft_one_shape), started fresh. Returns the card."""
     from perpo_jax.cli_paths import check_out_dir, protected_paths, resolve_paths
     from perpo_jax.data import prepare
-    from perpo_jax.demo import one_shape_config, sft_config
     from perpo_jax.demo_report import example_scores
     from perpo_jax.eval import evaluate
-    from perpo_jax.models import from_config
+    from perpo_jax import assemble
     from perpo_jax.train.loop import train
 
     cfg = resolve_paths(cfg)
@@ -161,9 +161,9 @@ def train_base(cfg: Config, out_dir: str, *, command: list[str], overwrite: bool
     for old in (run_dir, stage_dir):
         shutil.rmtree(old, ignore_errors=True)  # a fresh SFT, never a resumed one
     start = time.perf_counter()
-    mesh = from_config.build_mesh(cfg)
+    mesh = assemble.build_mesh(cfg)
     data = prepare.prepare_data(cfg)
-    model = from_config.build_model(cfg, mesh, data.processor)
+    model = assemble.build_run_model(cfg, mesh, data.processor)
     if cfg.demo.base_warmup_rounds:
         stage = one_shape_config(cfg, data.processor_dir)
         print(f"[demo] base stage 1: {stage.demo.sft_rounds} SFT rounds on one-shape scenes",

@@ -43,7 +43,7 @@ from perpo_jax.hf.load import read_config
 from perpo_jax.mesh import MESH_AXES, logical_sharding, make_mesh, state_shardings
 from perpo_jax.models import build_model, tiny_llava_config
 from perpo_jax.models.config import as_jnp_dtype
-from perpo_jax.models.from_config import (DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs,
+from perpo_jax.assemble import (DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs,
                                           with_model_settings)
 from perpo_jax.models.lora import LoRAParam, apply_lora, trainable_filter
 from perpo_jax.train import rounds

@@ -13,7 +13,7 @@ from __future__ import annotations
 from perpo_jax.config import Config
 from perpo_jax.data.prepare import prepare_data
 from perpo_jax.hf import CheckpointError, save_pretrained
-from perpo_jax.models.from_config import build_mesh
+from perpo_jax.assemble import build_mesh
 from perpo_jax.restore import is_params_checkpoint, model_from_checkpoint
 
 

@@ -37,7 +37,7 @@ from perpo_jax.hf.save import copy_side_files
 from perpo_jax.mesh import make_mesh, state_shardings
 from perpo_jax.models import build_model as new_model
 from perpo_jax.models.config import as_jnp_dtype
-from perpo_jax.models.from_config import build_model, check_model_processor, place_on_mesh
+from perpo_jax.assemble import build_run_model, check_model_processor, place_on_mesh
 from perpo_jax.models.lora import apply_lora, trainable_filter
 from perpo_jax.models.lora import merge_lora as merge_adapters
 from perpo_jax.storage import is_url
@@ -140,7 +140,7 @@ def _default_mesh(mesh):
 def model_from_checkpoint(cfg: Config, path: str, mesh, processor, *, merge_lora: bool = True):
     """The model saved at `path` (either layout above), on `mesh`.
 
-    Training checkpoints rebuild the model with `build_model(cfg, ...)` (+ LoRA adapters when
+    Training checkpoints rebuild the model with `build_run_model(cfg, ...)` (+ LoRA adapters when
     `lora.enabled`) and overwrite its trainable variables; `merge_lora` folds the adapters in.
     `processor` may be None for a converted checkpoint (no agreement check then).
     """
@@ -148,7 +148,7 @@ def model_from_checkpoint(cfg: Config, path: str, mesh, processor, *, merge_lora
     if is_params_checkpoint(path):
         model = _restore_converted(cfg, path, mesh)
     else:
-        model = build_model(cfg, mesh, processor)
+        model = build_run_model(cfg, mesh, processor)
         if cfg.lora.enabled:  # lora.init_from: the adapter's rank / targets (values: below)
             lora = resolve_lora(cfg.lora, model)
             place_on_mesh(apply_lora(model, lora, nnx.Rngs(cfg.train.seed)), mesh)

@@ -38,7 +38,7 @@ from perpo_jax.data.prepare import prepare_data  # noqa: E402
 from perpo_jax.distributed import process_zero_first  # noqa: E402
 from perpo_jax.mesh import make_mesh  # noqa: E402
 from perpo_jax.models import build_model, tiny_llava_config  # noqa: E402
-from perpo_jax.models.from_config import place_on_mesh  # noqa: E402
+from perpo_jax.assemble import place_on_mesh  # noqa: E402
 from perpo_jax.sampling import sample  # noqa: E402
 from perpo_jax.train.hosts import global_max, local_rows, to_global  # noqa: E402
 

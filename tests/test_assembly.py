@@ -7,7 +7,7 @@ import pytest
 
 from perpo_jax.data import prepare
 from perpo_jax.data.examples import prompt_batch_for, record_example
-from perpo_jax.models import from_config
+from perpo_jax import assemble
 from perpo_jax.config import ConfigError, load_config
 
 TINY = ["model.tiny={hidden_size: 32, num_layers: 1}", "lora.enabled=false",
@@ -56,7 +56,7 @@ def test_scene_knobs_reach_the_builder(tmp_path):
 def test_processor_image_tokens_match_tiny_model(prepared):
     cfg, data = prepared
     proc = data.processor
-    model_cfg = from_config.tiny_model_config(cfg, proc)
+    model_cfg = assemble.tiny_model_config(cfg, proc)
     assert model_cfg.vision.image_size == 32 and model_cfg.text.hidden_size == 32
     assert model_cfg.image_token_id == proc.image_token_id
     assert model_cfg.text.vocab_size == len(proc.tokenizer)
@@ -67,8 +67,8 @@ def test_processor_image_tokens_match_tiny_model(prepared):
 
 def test_build_model_forward_on_prompt_batch(prepared):
     cfg, data = prepared
-    mesh = from_config.build_mesh(cfg)
-    model = from_config.build_model(cfg, mesh, data.processor)
+    mesh = assemble.build_mesh(cfg)
+    model = assemble.build_run_model(cfg, mesh, data.processor)
     examples = [record_example(data.val[i]) for i in range(3)]
     batch = prompt_batch_for(examples, data.processor, None)
     b, p = batch["prompt_ids"].shape
@@ -78,7 +78,7 @@ def test_build_model_forward_on_prompt_batch(prepared):
     assert logits.shape == (b, p, len(data.processor.tokenizer))
     assert np.isfinite(np.asarray(logits)).all()
     # same seed, same weights: the model is a function of the config
-    again = from_config.build_model(cfg, mesh, data.processor)
+    again = assemble.build_run_model(cfg, mesh, data.processor)
     np.testing.assert_array_equal(np.asarray(again(batch["prompt_ids"], batch["prompt_mask"],
                                                     batch["pixel_values"])), np.asarray(logits))
 
@@ -86,24 +86,24 @@ def test_build_model_forward_on_prompt_batch(prepared):
 def test_model_processor_mismatch_names_both(prepared):
     cfg, data = prepared
     proc = data.processor
-    good = from_config.tiny_model_config(cfg, proc)
+    good = assemble.tiny_model_config(cfg, proc)
     wrong_id = good.replace(image_token_id=proc.image_token_id - 1)
-    with pytest.raises(from_config.ModelProcessorMismatch,
+    with pytest.raises(assemble.ModelProcessorMismatch,
                        match=f"image_token_id={proc.image_token_id - 1}.*{proc.image_token_id}"):
-        from_config.check_model_processor(wrong_id, proc)
+        assemble.check_model_processor(wrong_id, proc)
     small = good.replace(text=good.text.replace(vocab_size=len(proc.tokenizer) - 1))
-    with pytest.raises(from_config.ModelProcessorMismatch, match=f"vocab_size={len(proc.tokenizer) - 1}"):
-        from_config.check_model_processor(small, proc)
+    with pytest.raises(assemble.ModelProcessorMismatch, match=f"vocab_size={len(proc.tokenizer) - 1}"):
+        assemble.check_model_processor(small, proc)
 
 
 def test_bad_tiny_key_is_a_config_error(prepared):
     cfg, _ = prepared
     bad = load_config(None, TINY + ["model.tiny={hidden_size: 32, layers: 1}"])
     with pytest.raises(ConfigError, match="model.tiny.layers"):
-        from_config.tiny_geometry(bad)
+        assemble.tiny_geometry(bad)
     reserved = load_config(None, TINY + ["model.tiny={dtype: bfloat16}"])
     with pytest.raises(ConfigError, match="model.tiny.dtype"):
-        from_config.tiny_geometry(reserved)
+        assemble.tiny_geometry(reserved)
 
 
 def test_record_example_decodes_bytes_boxes_and_lists():
@@ -157,8 +157,8 @@ def test_hf_path_model_and_processor_come_from_the_checkpoint(prepared, tmp_path
     from perpo_jax.hf import save_pretrained
 
     cfg, data = prepared
-    mesh = from_config.build_mesh(cfg)
-    hf_dir = save_pretrained(from_config.build_model(cfg, mesh, data.processor), str(tmp_path / "hf"),
+    mesh = assemble.build_mesh(cfg)
+    hf_dir = save_pretrained(assemble.build_run_model(cfg, mesh, data.processor), str(tmp_path / "hf"),
                              source_dir=data.processor_dir)
     os.remove(os.path.join(hf_dir, "perpo_processor.json"))  # as a transformers-made dir
     hf_cfg = tiny_cfg(cfg.data.data_dir, f"model.hf_path={hf_dir}", "model.remat=true")
@@ -167,7 +167,7 @@ def test_hf_path_model_and_processor_come_from_the_checkpoint(prepared, tmp_path
     proc, ref = hf_data.processor, data.processor
     assert proc.tokenizer.get_vocab() == ref.tokenizer.get_vocab()
     assert proc.image_token_id == ref.image_token_id and proc.num_image_tokens(32, 32) == 16
-    model = from_config.build_model(hf_cfg, mesh, proc)
+    model = assemble.build_run_model(hf_cfg, mesh, proc)
     assert model.config.text.remat and model.language_model.config.remat
     example = record_example(hf_data.val[0])
     np.testing.assert_array_equal(proc(example.image, example.question)["prompt_ids"],

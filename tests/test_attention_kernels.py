@@ -33,7 +33,7 @@ from perpo_jax.models.attention_kernels import (
     grouped_causal_mask,
 )
 from perpo_jax.models.decoder import grouped_attention
-from perpo_jax.models.from_config import tiny_model_config
+from perpo_jax.assemble import tiny_model_config
 from perpo_jax.models.lora import apply_lora
 from perpo_jax.scoring import list_logprobs
 from perpo_jax.train.optim import make_optimizer

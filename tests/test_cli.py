@@ -164,7 +164,7 @@ def _safetensors(path):
 
 
 def test_convert_round_trip(tiny_config):
-    from perpo_jax.models.from_config import build_mesh, build_model
+    from perpo_jax.assemble import build_mesh, build_run_model
     from perpo_jax.data.prepare import prepare_data
     from perpo_jax.config import load_config
     from perpo_jax.hf import save_pretrained
@@ -172,7 +172,7 @@ def test_convert_round_trip(tiny_config):
     root, config = tiny_config
     cfg = load_config(config, ["train.seed=7"])
     data = prepare_data(cfg, progress=False)
-    hf_in = save_pretrained(build_model(cfg, build_mesh(cfg), data.processor), str(root / "hf_in"),
+    hf_in = save_pretrained(build_run_model(cfg, build_mesh(cfg), data.processor), str(root / "hf_in"),
                             source_dir=data.processor_dir)
     ckpt, hf_out = str(root / "ckpt"), str(root / "hf_out")
     assert cli.main(["convert", "--config", config, "--from-hf", hf_in, "--out", ckpt]) == 0
@@ -239,7 +239,7 @@ def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys, monkey
     import optax
     from flax import nnx
 
-    from perpo_jax.models.from_config import build_mesh, build_model
+    from perpo_jax.assemble import build_mesh, build_run_model
     from perpo_jax.data.prepare import prepare_data
     from perpo_jax.checkpoint import Checkpointer
     from perpo_jax.config import config_to_dict, load_config
@@ -250,7 +250,7 @@ def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys, monkey
     root, config = tiny_config
     cfg = load_config(config, ["lora.enabled=true", "lora.rank=4", "lora.alpha=8"])
     data = prepare_data(cfg, progress=False)
-    model = build_model(cfg, build_mesh(cfg), data.processor)
+    model = build_run_model(cfg, build_mesh(cfg), data.processor)
     apply_lora(model, cfg.lora, nnx.Rngs(3))
     lora = nnx.state(model, LoRAParam)  # B is zero at init: make the update visible
     keys = iter(jax.random.split(jax.random.key(1), 100))

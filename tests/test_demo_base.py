@@ -102,14 +102,14 @@ def test_train_base_then_align_from_it(shared, tmp_path, capsys):
     """`demo --train-base` in miniature, the dir loads as an HF checkpoint + processor, the
     card re-checks on a slice, a second --train-base into it is refused, and the demo aligns
     from it (rft: SFT on the best sampled candidate; perpo's demo path: tests/test_loop.py)."""
-    from perpo_jax import cli, demo
+    from perpo_jax import cli, demo, demo_recipes
     from perpo_jax.config import config_from_dict
     from perpo_jax.data import prepare
     from perpo_jax.data.processor import LlavaPromptProcessor
     from perpo_jax.demo_report import example_scores
     from perpo_jax.eval import evaluate
     from perpo_jax.hf import load_pretrained
-    from perpo_jax.models import from_config
+    from perpo_jax import assemble
 
     _, data = shared
     base_dir = tmp_path / "base"
@@ -122,7 +122,7 @@ def test_train_base_then_align_from_it(shared, tmp_path, capsys):
     stage = [json.loads(line) for line in
              (tmp_path / "run" / "base_sft_one_shape" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in stage if "loss" in r]
-    one = demo.one_shape_config(config_from_dict({}, [*common, "demo.base_warmup_rounds=3"]),
+    one = demo_recipes.one_shape_config(config_from_dict({}, [*common, "demo.base_warmup_rounds=3"]),
                                 data.processor_dir)
     assert (one.data.min_objects, one.data.max_objects, one.data.relations) == (1, 1, False)
     assert one.data.tokenizer == data.processor_dir and one.demo.sft_rounds == 3
@@ -147,7 +147,7 @@ def test_train_base_then_align_from_it(shared, tmp_path, capsys):
     # the recorded val numbers re-check on a slice, through the model.hf_path path
     cfg = config_from_dict({}, [f"model.hf_path={base_dir}", *common, "eval.num_examples=4"])
     sliced = prepare.prepare_data(cfg, progress=False)
-    from_config.check_model_processor(model.config, sliced.processor)
+    assemble.check_model_processor(model.config, sliced.processor)
     res = evaluate(model, sliced, cfg, split="val", progress=False)
     assert res.texts == saved["val_predictions"][:4]
     recomputed = example_scores("grounding", res.texts, res.gt)

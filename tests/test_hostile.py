@@ -201,14 +201,14 @@ def trained(shared, tmp_path_factory):
     from flax import nnx
 
     from perpo_jax.checkpoint import Checkpointer
-    from perpo_jax.models.from_config import build_mesh, build_model
+    from perpo_jax.assemble import build_mesh, build_run_model
     from perpo_jax.models.lora import trainable_filter
     from perpo_jax.train.state import init_train_state
 
     _, data = shared
     root = tmp_path_factory.mktemp("trained")
     cfg = tiny_cfg(root, f"data.data_dir={data.data_dir}")
-    model = build_model(cfg, build_mesh(cfg), data.processor)
+    model = build_run_model(cfg, build_mesh(cfg), data.processor)
     params = nnx.state(model, trainable_filter(cfg.lora))
     saved = config_to_dict(cfg)
     saved["mesh"]["shape"] = [4, 4, 1]

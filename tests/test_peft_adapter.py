@@ -386,13 +386,13 @@ def test_export_refuses_what_peft_cannot_hold(base, tmp_path):
 def run_base(shared, tmp_path_factory) -> str:
     """Our tiny 2-layer LLaVA over the shared dataset's processor, saved as a transformers
     base with the processor files (a model.hf_path to train from)."""
-    from perpo_jax.models.from_config import build_model
+    from perpo_jax.assemble import build_run_model
 
     _, data = shared
     tmp = tmp_path_factory.mktemp("run_base")
     cfg = tiny_cfg(tmp, "model.tiny={hidden_size: 32, num_layers: 2, image_size: 16, "
                    "patch_size: 8, vocab_size: 320}")
-    model = build_model(cfg, None, data.processor)
+    model = build_run_model(cfg, None, data.processor)
     return save_pretrained(model, str(tmp / "base"), source_dir=data.processor_dir)
 
 
@@ -431,7 +431,7 @@ def test_train_from_a_peft_adapter_and_export_it_back(run_base, tmp_path, capsys
     --adapter` of the run loads in peft with the trained model's logits."""
     from perpo_jax import cli
     from perpo_jax.data.prepare import prepare_data
-    from perpo_jax.models import from_config
+    from perpo_jax import assemble
     from perpo_jax.train import loop
 
     path = run_base
@@ -446,9 +446,9 @@ def test_train_from_a_peft_adapter_and_export_it_back(run_base, tmp_path, capsys
     peft_logits = tiny_hf.hf_logits(peft_model, ids, pixel_values=pixels)
     base_logits = tiny_hf.hf_logits(_hf(path), ids, pixel_values=pixels)
 
-    mesh = from_config.build_mesh(cfg)
+    mesh = assemble.build_mesh(cfg)
     plan, _ = loop._plan_and_loader(cfg, mesh, data)
-    trainer = loop._Trainer(cfg, data, from_config.build_model(cfg, mesh, data.processor), mesh,
+    trainer = loop._Trainer(cfg, data, assemble.build_run_model(cfg, mesh, data.processor), mesh,
                             plan)
     args = (jnp.asarray(ids), None, jnp.asarray(pixels))
     assert _max_diff(_forward(trainer.model(), *args), peft_logits, None) <= TOL

@@ -12,7 +12,7 @@ from tiny_run import tiny_cfg
 
 from perpo_jax.config import ConfigError
 from perpo_jax.mesh import make_mesh
-from perpo_jax.models.from_config import build_model
+from perpo_jax.assemble import build_run_model
 from perpo_jax.rewards import REWARDS, register_reward
 from perpo_jax.train.loop import _Trainer, online_plan, train
 from perpo_jax.train.optim import make_schedule
@@ -113,7 +113,7 @@ def test_frozen_base_in_compute_dtype_masters_in_float32_and_dropout_off(shared,
                    "lora.trainable=[multi_modal_projector]",
                    f"train.disable_dropout={str(disable_dropout).lower()}")
     mesh = make_mesh((-1, 1, 1))
-    model = build_model(cfg, mesh, data.processor)
+    model = build_run_model(cfg, mesh, data.processor)
     trainer = _Trainer(cfg, data, model, mesh, online_plan(cfg, mesh, len(data.train)))
 
     def floats(tree):
@@ -149,7 +149,7 @@ def test_online_sampling_pads_to_the_rounds_longest_prompt(shared, tmp_path, mon
 
     monkeypatch.setattr(rounds, "sample", recording_sample)
     mesh = make_mesh((-1, 1, 1))
-    model = build_model(cfg, mesh, data.processor)
+    model = build_run_model(cfg, mesh, data.processor)
     rounds.sample_round_lists(cfg, data.processor, model, mesh, examples, 0)
     assert widths == [bucketed(longest)]
     assert widths[0] < cfg.train.max_length - cfg.sampling.max_new_tokens

@@ -34,7 +34,7 @@ from perpo_jax.data import (hf_preference, page_ocr, pref_files, refcoco_builder
 from perpo_jax.data.examples import record_example, text_of  # noqa: F401
 from perpo_jax.data.processor import LlavaPromptProcessor
 from perpo_jax.data.tokenizer import tokenizer_corpus, train_tokenizer
-from perpo_jax.models.from_config import DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs
+from perpo_jax.assemble import DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs
 from perpo_jax.rewards import REWARDS
 
 SYNTHETIC_SOURCES = ("shapes_grounding", "shapes_ocr", "shapes_pope")

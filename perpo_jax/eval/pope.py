@@ -19,7 +19,7 @@ from perpo_jax.data import prepare
 from perpo_jax.data.examples import prompt_length, prompt_limit
 from perpo_jax.data.pope import pope_examples, pope_files, read_pope_questions
 from perpo_jax.eval.run import greedy_texts
-from perpo_jax.models import from_config
+from perpo_jax import assemble
 from perpo_jax.restore import model_from_checkpoint
 from perpo_jax.rewards.pope import pope_answer
 
@@ -119,11 +119,11 @@ def run_pope(cfg, checkpoint: str | None, pope_dir: str, image_dir: str, *, limi
 
 def _model_for(cfg, checkpoint: str | None):
     """(model, processor, mesh) of a config: its hf_path (or tiny) model, or a checkpoint."""
-    mesh = from_config.build_mesh(cfg)
+    mesh = assemble.build_mesh(cfg)
     if cfg.model.hf_path is not None:
         processor = prepare._hf_processor(cfg)
     else:
         processor = prepare.prepare_data(cfg, progress=False).processor
     if checkpoint is None:
-        return from_config.build_model(cfg, mesh, processor), processor, mesh
+        return assemble.build_run_model(cfg, mesh, processor), processor, mesh
     return model_from_checkpoint(cfg, checkpoint, mesh, processor), processor, mesh

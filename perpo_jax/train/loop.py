@@ -51,7 +51,7 @@ from perpo_jax.data import prepare
 from perpo_jax.data.loader import ShardedLoader, Subset
 from perpo_jax.distributed import process_zero_first
 from perpo_jax.hf.peft_adapter import load_adapter, read_adapter_config, resolve_lora
-from perpo_jax.models import from_config
+from perpo_jax import assemble
 from perpo_jax.models.config import as_jnp_dtype
 from perpo_jax.models.lora import LoRAParam, apply_lora
 from perpo_jax.train import rounds
@@ -375,7 +375,7 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
     """Runs (or resumes) the configured training; see the module docstring.
 
     data / model / mesh: pre-built objects (`data.prepare.prepare_data`,
-    `models.from_config.build_model` / `build_mesh`), e.g. an SFT model to align (LoRA is
+    `assemble.build_run_model` / `build_mesh`), e.g. an SFT model to align (LoRA is
     attached to it in place when enabled: pass a clone to keep the original); built from
     `cfg` when None. stop_at_step: stop after this global step with a checkpoint, exactly as
     a SIGTERM would (for tests and time-boxed jobs).
@@ -399,14 +399,14 @@ def train(cfg: Config, *, data=None, model=None, mesh=None, progress: bool = Tru
 
 def _train_locked(cfg: Config, *, data, model, mesh, progress: bool,
                   stop_at_step: int | None) -> TrainResult:
-    mesh = mesh if mesh is not None else from_config.build_mesh(cfg)
+    mesh = mesh if mesh is not None else assemble.build_mesh(cfg)
     if data is None:
         # on a pod: process 0 builds, the others reuse its files (shared dir) or build the
         # same ones (per-host local dirs)
         data = process_zero_first(lambda: prepare.prepare_data(cfg, progress=progress),
                                   "prepare_data")
     plan, loader = _plan_and_loader(cfg, mesh, data)
-    model = model if model is not None else from_config.build_model(cfg, mesh, data.processor)
+    model = model if model is not None else assemble.build_run_model(cfg, mesh, data.processor)
     trainer = _Trainer(cfg, data, model, mesh, plan)
     ckpt, position = _open_checkpoints(cfg, trainer, loader)
     try:

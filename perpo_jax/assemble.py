@@ -2,7 +2,7 @@
 `model.hf_path` loaded onto its shardings; and the check that it fits the processor.
 
     mesh = build_mesh(cfg)
-    model = build_model(cfg, mesh, data.processor)
+    model = build_run_model(cfg, mesh, data.processor)
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from perpo_jax.models import tiny_llava_config
 from perpo_jax.models.config import as_jnp_dtype
 
 DEFAULT_VOCAB_SIZE = 512  # BPE target for a tokenizer trained on the dataset (model.tiny.vocab_size)
-# tiny_llava_config arguments that build_model sets itself, never from model.tiny
+# tiny_llava_config arguments that build_run_model sets itself, never from model.tiny
 _TINY_RESERVED = ("image_token_id", "dtype", "param_dtype")
 
 
@@ -97,7 +97,7 @@ def place_on_mesh(model, mesh):
     return model
 
 
-def build_model(cfg: Config, mesh, processor):
+def build_run_model(cfg: Config, mesh, processor):
     """`model.hf_path` loaded onto `mesh`, else a random tiny LLaVA seeded by `train.seed`.
 
     Raises ModelProcessorMismatch when the model's image token / vocabulary do not fit
