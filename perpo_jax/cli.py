@@ -17,7 +17,7 @@ A config error exits with status 2 and one line naming the key; other user error
 files, bad checkpoints or data, a full or read-only disk, a run dir in use) exit 1 with one
 line; Ctrl-C outside training exits 130 with one line (in `train` it saves and stops, as
 SIGTERM does). Heavy modules (jax, transformers, TFDS) are imported inside the subcommands,
-so `--help` is fast -- `demo --help` too (its parser is `perpo_jax.demo_args`).
+so `--help` is fast -- `demo --help` too (its parser is `perpo_jax.demo.args`).
 
 Paths are resolved once, at this edge (`perpo_jax.cli_paths`): `--checkpoint`, `--out`,
 `--from-hf` and the config's path keys are made absolute against the working directory before
@@ -251,99 +251,46 @@ def cmd_pope(args) -> int:
     return 0
 
 
-def _saved_config(checkpoint: str) -> dict:
-    """The config saved with a training checkpoint (root or one step dir); {} for a converted
-    params checkpoint or when none was saved."""
-    from perpo_jax import storage
-    from perpo_jax.checkpoint import STATE_ITEM, Checkpointer
-    from perpo_jax.restore import is_params_checkpoint
-
-    if is_params_checkpoint(checkpoint):
-        return {}
-    root, step = checkpoint, None
-    name = os.path.basename(checkpoint.rstrip(os.sep))
-    if name.isdigit() and storage.isdir(os.path.join(checkpoint, STATE_ITEM)):
-        root, step = os.path.dirname(checkpoint), int(name)
-    try:
-        with Checkpointer(root, save_every=1, async_save=False, read_only=True) as ckpt:
-            meta = ckpt.read_metadata(step) if ckpt.latest_step() is not None else {}
-    except (FileNotFoundError, ValueError):
-        meta = {}
-    return meta.get("config", meta) if isinstance(meta, dict) else {}
-
-
 def _run_config(args, checkpoint: str) -> Config:
-    """The config of a training checkpoint: `--config`/overrides when given, else the
-    resolved config saved in the checkpoint's metadata, else the schema defaults."""
-    if args.config is not None:
-        return _load(args)
-    try:
-        cfg = config_from_dict(_saved_config(checkpoint), args.overrides)
-    except ConfigError:  # metadata is not a config: fall back to the defaults
-        cfg = load_config(None, args.overrides)
-    return resolve_paths(cfg)
+    """`--config`/overrides when given, else the config saved with the checkpoint."""
+    from perpo_jax.export import run_config
+
+    return _load(args) if args.config is not None else resolve_paths(
+        run_config(checkpoint, args.overrides))
 
 
-def _to_hf(args, *, merge: bool) -> int:
-    """Training or converted checkpoint → transformers dir (LoRA merged when `merge`)."""
-    from flax import nnx
+def cmd_convert(args) -> int:
+    from perpo_jax import export
 
-    from perpo_jax.assemble import build_mesh
-    from perpo_jax.restore import is_params_checkpoint, model_from_checkpoint
-    from perpo_jax.data.prepare import prepare_data
-    from perpo_jax.hf import CheckpointError, save_pretrained
-    from perpo_jax.models.lora import LoRAParam
-
-    if args.checkpoint is None:
-        raise ConfigError("--checkpoint: required")
-    check_checkpoint(args.checkpoint)
-    cfg = _run_config(args, args.checkpoint)
-    check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint), args.overwrite)
-    _fit_mesh(cfg, args)
-    mesh = build_mesh(cfg)
-    if is_params_checkpoint(args.checkpoint):
-        model, source_dir = model_from_checkpoint(cfg, args.checkpoint, mesh, None), args.checkpoint
-    else:
-        data = prepare_data(cfg)
-        model = model_from_checkpoint(cfg, args.checkpoint, mesh, data.processor, merge_lora=merge)
-        source_dir = cfg.model.hf_path or data.processor_dir
-    if not merge and nnx.state(model, LoRAParam):
-        raise CheckpointError(f"{args.checkpoint} has LoRA adapters: use `perpo-jax export`, "
-                              "which merges them into the base weights")
-    out = save_pretrained(model, args.out, source_dir=source_dir)
-    print(f"wrote transformers checkpoint {out}")
-    return 0
-
-
-def _from_hf(args) -> int:
-    from perpo_jax.assemble import build_mesh
-    from perpo_jax.restore import save_params_checkpoint
-    from perpo_jax.hf import load_pretrained
-    from perpo_jax.models.config import as_jnp_dtype
-
+    if args.to_hf:
+        if args.checkpoint is None:
+            raise ConfigError("--checkpoint: required")
+        check_checkpoint(args.checkpoint)
+        cfg = _run_config(args, args.checkpoint)
+        check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint), args.overwrite)
+        _fit_mesh(cfg, args)
+        out = export.export_merged(cfg, args.checkpoint, args.out, merge_lora=False)
+        print(f"wrote transformers checkpoint {out}")
+        return 0
     cfg = _load(args)
     check_out_dir(args.out, protected_paths(cfg, **{"source model (--from-hf)": args.from_hf}),
                   args.overwrite)
     _fit_mesh(cfg, args)
-    model = load_pretrained(args.from_hf, dtype=as_jnp_dtype(cfg.model.dtype), mesh=build_mesh(cfg))
-    out = save_params_checkpoint(model, args.out, source_dir=args.from_hf)
-    print(f"wrote orbax params checkpoint {out}")
+    print(f"wrote orbax params checkpoint {export.convert_from_hf(cfg, args.from_hf, args.out)}")
     return 0
 
 
-def cmd_convert(args) -> int:
-    return _to_hf(args, merge=False) if args.to_hf else _from_hf(args)
-
-
 def cmd_export(args) -> int:
-    if not args.adapter:
-        return _to_hf(args, merge=True)
-    from perpo_jax.peft_export import export_adapter
+    from perpo_jax import export
 
     check_checkpoint(args.checkpoint)
     cfg = _run_config(args, args.checkpoint)
     check_out_dir(args.out, protected_paths(cfg, checkpoint=args.checkpoint), args.overwrite)
-    print(f"wrote PEFT adapter {export_adapter(cfg, args.checkpoint, args.out)}")
+    _fit_mesh(cfg, args)
+    if args.adapter:
+        print(f"wrote PEFT adapter {export.export_adapter(cfg, args.checkpoint, args.out)}")
+    else:
+        print(f"wrote transformers checkpoint {export.export_merged(cfg, args.checkpoint, args.out)}")
     return 0
 
 
@@ -417,11 +364,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from perpo_jax import demo_args
+    from perpo_jax.demo import args as demo_args
 
     demo_args.parse_args(args.demo_args)  # --help and usage errors before the heavy import
     # a lazy import, the one kind allowed: perpo_jax.demo pulls in jax / flax / TFDS (~10 s)
-    from perpo_jax import demo
+    from perpo_jax.demo import run as demo
 
     result = demo.main(list(args.demo_args))
     return result if isinstance(result, int) else 0
@@ -468,6 +415,23 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="dotted config overrides, e.g. optim.lr=1e-5 mesh.shape=[2,2,2]")
 
 
+def _add_checkpoint(p: argparse.ArgumentParser, *, required: bool = False,
+                    help: str = _CHECKPOINT_HELP) -> None:
+    p.add_argument("--checkpoint", metavar="DIR", required=required, help=help)
+
+
+def _add_split(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=("val", "train"), default=None, help=_SPLIT_HELP)
+
+
+def _add_out(p: argparse.ArgumentParser, *, metavar: str, help: str, required: bool = True,
+             file: bool = False) -> None:
+    """--out and its --overwrite (a dir is replaced as a whole, a file as one)."""
+    p.add_argument("--out", metavar=metavar, required=required, default=None, help=help)
+    p.add_argument("--overwrite", action="store_true",
+                   help=_OVERWRITE_FILE_HELP if file else _OVERWRITE_HELP)
+
+
 def _add_prepare_data(sub) -> None:
     p = sub.add_parser("prepare-data", help="build the dataset and tokenizer/processor",
                        description="Builds (or reuses) the dataset under data.data_dir and the "
@@ -483,12 +447,12 @@ def _add_sample(sub) -> None:
                        "prompts of a split and rewards them against the ground truth: one JSON "
                        "line per prompt (question, answer, candidates, rewards).")
     _common(p)
-    p.add_argument("--checkpoint", metavar="DIR", help=_CHECKPOINT_HELP)
+    _add_checkpoint(p)
     p.add_argument("--num-prompts", type=int, default=4, metavar="N",
                    help="how many prompts: the first N of the split (default: 4)")
-    p.add_argument("--split", choices=("val", "train"), default=None, help=_SPLIT_HELP)
-    p.add_argument("--out", metavar="FILE", help="JSONL file to write (default: stdout)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE_HELP)
+    _add_split(p)
+    _add_out(p, metavar="FILE", help="JSONL file to write (default: stdout)", required=False,
+             file=True)
     p.set_defaults(func=cmd_sample)
 
 
@@ -498,11 +462,10 @@ def _add_eval(sub) -> None:
                        "split and writes report.json (metrics and every prediction) and, for "
                        "grounding, boxes.png into --out.")
     _common(p)
-    p.add_argument("--checkpoint", metavar="DIR", help=_CHECKPOINT_HELP)
-    p.add_argument("--split", choices=("val", "train"), default=None, help=_SPLIT_HELP)
-    p.add_argument("--out", metavar="DIR", required=True,
-                   help="directory for report.json and boxes.png (written whole; see --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _add_checkpoint(p)
+    _add_split(p)
+    _add_out(p, metavar="DIR",
+             help="directory for report.json and boxes.png (written whole; see --overwrite)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -513,7 +476,7 @@ def _add_pope(sub) -> None:
                        "prints per-split accuracy / precision / recall / F1 / yes ratio and "
                        "the mean F1 over the splits, as LLaVA-1.5 reports POPE.")
     _common(p)
-    p.add_argument("--checkpoint", metavar="DIR", help=_CHECKPOINT_HELP)
+    _add_checkpoint(p)
     p.add_argument("--pope-dir", required=True, metavar="DIR",
                    help="holds coco_pope_{random,popular,adversarial}.json")
     p.add_argument("--image-dir", required=True, metavar="DIR", help="COCO val2014 images")
@@ -521,9 +484,8 @@ def _add_pope(sub) -> None:
     p.add_argument("--parser", choices=("pope", "exact"), default="pope",
                    help="pope: the official rule (a 'no'/'not' word means no); exact: "
                    "lmms-eval's (the answer must be exactly yes or no)")
-    p.add_argument("--out", metavar="FILE", default=None,
-                   help="report JSON (metrics and every answer)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE_HELP)
+    _add_out(p, metavar="FILE", help="report JSON (metrics and every answer)", required=False,
+             file=True)
     p.set_defaults(func=cmd_pope)
 
 
@@ -538,10 +500,8 @@ def _add_convert(sub) -> None:
                      help="convert --checkpoint DIR into a transformers dir")
     way.add_argument("--from-hf", metavar="HF_DIR",
                      help="transformers model dir to convert into an orbax params checkpoint")
-    p.add_argument("--checkpoint", metavar="DIR", help="source checkpoint for --to-hf")
-    p.add_argument("--out", metavar="DIR", required=True,
-                   help="directory to write (replaced as a whole; see --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _add_checkpoint(p, help="source checkpoint for --to-hf")
+    _add_out(p, metavar="DIR", help="directory to write (replaced as a whole; see --overwrite)")
     p.set_defaults(func=cmd_convert)
 
 
@@ -552,11 +512,10 @@ def _add_export(sub) -> None:
                        "processor files). Without --config the config saved with the "
                        "checkpoint is used.")
     _common(p)
-    p.add_argument("--checkpoint", metavar="DIR", required=True,
-                   help="training checkpoint: the run's checkpoints/ dir or one step dir in it")
-    p.add_argument("--out", metavar="HF_DIR", required=True,
-                   help="transformers dir to write (replaced as a whole; see --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _add_checkpoint(p, required=True,
+                    help="training checkpoint: the run's checkpoints/ dir or one step dir in it")
+    _add_out(p, metavar="HF_DIR",
+             help="transformers dir to write (replaced as a whole; see --overwrite)")
     p.add_argument("--adapter", action="store_true",
                    help="write the LoRA adapters unmerged as a PEFT adapter dir "
                    "(adapter_config.json + adapter_model.safetensors; docs/peft.md)")

@@ -291,7 +291,7 @@ def test_export_merges_lora_of_a_training_checkpoint(tiny_config, capsys, monkey
 
 
 def test_demo_table_keeps_training_and_eval_rates_apart(capsys):
-    from perpo_jax.demo import _print_table
+    from perpo_jax.demo.run import _print_table
 
     _print_table({"sft_warmup": {"metrics": {"acc@0.5": 0.1, "samples_per_s": 67.0}},
                   "perpo": {"metrics": {"acc@0.5": 0.2, "samples_per_s": 66.0},

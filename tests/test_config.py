@@ -170,7 +170,7 @@ def test_base_chain_is_checked(tmp_path):
 
 
 def test_demo_sft_batch_and_round_size():
-    from perpo_jax.demo_recipes import sft_config
+    from perpo_jax.demo.recipes import sft_config
 
     cfg = load_config(None, ["train.lists_per_step=8", "sampling.prompts_per_round=128"])
     same = sft_config(cfg, "out")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from tiny_run import TINY_MODEL
 
-from perpo_jax.demo_base import SHIPPED_BASE, SHIPPED_OCR_BASE, read_card, resolve_base_path
-from perpo_jax.demo_report import (ShuffledImages, format_table, image_derangement,
+from perpo_jax.demo.base import SHIPPED_BASE, SHIPPED_OCR_BASE, read_card, resolve_base_path
+from perpo_jax.demo.report import (ShuffledImages, format_table, image_derangement,
                                    shuffle_gap)
 from perpo_jax.eval.bootstrap import paired_bootstrap_gain
 
@@ -102,11 +102,12 @@ def test_train_base_then_align_from_it(shared, tmp_path, capsys):
     """`demo --train-base` in miniature, the dir loads as an HF checkpoint + processor, the
     card re-checks on a slice, a second --train-base into it is refused, and the demo aligns
     from it (rft: SFT on the best sampled candidate; perpo's demo path: tests/test_loop.py)."""
-    from perpo_jax import cli, demo, demo_recipes
+    from perpo_jax import cli
+    from perpo_jax.demo import recipes as demo_recipes, run as demo
     from perpo_jax.config import config_from_dict
     from perpo_jax.data import prepare
     from perpo_jax.data.processor import LlavaPromptProcessor
-    from perpo_jax.demo_report import example_scores
+    from perpo_jax.demo.report import example_scores
     from perpo_jax.eval import evaluate
     from perpo_jax.hf import load_pretrained
     from perpo_jax import assemble
@@ -184,8 +185,8 @@ def test_train_base_then_align_from_it(shared, tmp_path, capsys):
 def test_train_base_config_makes_the_demos_task(task):
     """`perpo-jax demo [--task ocr] --train-base` trains a base for exactly the task the demo
     of that task aligns on (so `demo.base_path: auto` finds it), from scratch (base_path null)."""
-    from perpo_jax import demo
-    from perpo_jax.demo_base import task_signature
+    from perpo_jax.demo import run as demo
+    from perpo_jax.demo.base import task_signature
 
     base_cfg = demo.demo_config(demo.parse_args(["--task", task, "--train-base", "--out", "X"]))
     demo_cfg = demo.demo_config(demo.parse_args(["--task", task]))

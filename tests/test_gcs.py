@@ -112,7 +112,7 @@ def test_tiny_run_on_gs_writes_what_a_resume_reads_and_exports(gcs, shared, tmp_
 
     from perpo_jax import storage
     from perpo_jax.checkpoint import Checkpointer
-    from perpo_jax.cli import _saved_config
+    from perpo_jax.export import saved_config
     from perpo_jax.cli_paths import check_checkpoint, resolve_args
     from perpo_jax.hf import load_pretrained, save_pretrained
     from perpo_jax.restore import _train_state_dir
@@ -145,7 +145,7 @@ def test_tiny_run_on_gs_writes_what_a_resume_reads_and_exports(gcs, shared, tmp_
 
     resolve_args(type("Args", (), {"checkpoint": ckpt, "out": "gs://bkt/x", "from_hf": None})())
     check_checkpoint(ckpt)
-    assert _saved_config(ckpt)["train"]["out_dir"] == out
+    assert saved_config(ckpt)["train"]["out_dir"] == out
     hf = "gs://bkt/exports/tiny"
     save_pretrained(result.model, hf)
     assert storage.is_committed(hf)

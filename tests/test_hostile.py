@@ -139,13 +139,14 @@ def test_readers_open_checkpoints_read_only(tmp_path):
     """Reading a run (eval / export / sample) never removes a save in flight, nor creates."""
     from perpo_jax.checkpoint import Checkpointer
     from perpo_jax.restore import _train_state_dir
+    from perpo_jax.export import saved_config
 
     root = tmp_path / "checkpoints"
     _toy_checkpoint(root)
     in_flight = root / "6.orbax-checkpoint-tmp-1234"
     shutil.copytree(root / "5", in_flight)
     (in_flight / "commit_success.txt").unlink(missing_ok=True)
-    assert cli._saved_config(str(root)) == {"run": 1}
+    assert saved_config(str(root)) == {"run": 1}
     assert _train_state_dir(str(root)) == str(root / "5" / "train_state")
     assert in_flight.is_dir()
     with Checkpointer(tmp_path / "absent", save_every=1, read_only=True):
@@ -173,8 +174,8 @@ def test_a_second_train_into_a_run_dir_is_refused(tmp_path, capsys):
 
 
 def test_demo_out_must_be_empty_but_for_its_dataset(tmp_path, capsys):
-    from perpo_jax import demo
-    from perpo_jax.demo_args import parse_args
+    from perpo_jax.demo import run as demo
+    from perpo_jax.demo.args import parse_args
 
     out = tmp_path / "demo"
     (out / "data" / "shapes").mkdir(parents=True)  # data.data_dir: a cache, reused
@@ -594,7 +595,7 @@ def test_val_boxes_show_every_box_where_they_agree_and_say_no_box(tmp_path):
 def test_methods_chart_calls_the_base_base(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
-    from perpo_jax import demo
+    from perpo_jax.demo import run as demo
 
     seen = {}
     bar = Axes.bar

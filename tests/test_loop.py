@@ -93,7 +93,7 @@ def test_offline_official_json_lists(tmp_path):
 
 
 def test_demo_pipeline_all_methods_report_and_export(shared, tmp_path):
-    from perpo_jax import demo
+    from perpo_jax.demo import run as demo
 
     _, data = shared
     out = tmp_path / "demo"

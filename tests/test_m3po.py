@@ -196,7 +196,7 @@ def test_demo_m3po_method_with_shapes_pope_f1(shared, tmp_path):
     """`perpo-jax demo --method m3po` on tiny everything, shapes-POPE F1 included."""
     from tiny_run import TINY_MODEL
 
-    from perpo_jax import demo
+    from perpo_jax.demo import run as demo
 
     _, data = shared
     report = demo.main([

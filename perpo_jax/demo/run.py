@@ -26,12 +26,12 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from perpo_jax import demo_base, demo_report
+from perpo_jax.demo import base as demo_base, report as demo_report
 from perpo_jax.cli_paths import Guarded, check_out_dir, clear_out, input_paths, resolve_paths
 from perpo_jax.config import Config, ConfigError
 from perpo_jax.data import prepare
-from perpo_jax.demo_args import parse_args  # noqa: F401  (the demo's CLI: demo.parse_args)
-from perpo_jax.demo_recipes import _with, demo_config, method_config, sft_config
+from perpo_jax.demo.args import parse_args  # noqa: F401  (the demo's CLI: run.parse_args)
+from perpo_jax.demo.recipes import _with, demo_config, method_config, sft_config
 from perpo_jax.eval import evaluate, evaluate_pope
 from perpo_jax.hf import save_pretrained
 from perpo_jax.eval.grounding import predicted_boxes

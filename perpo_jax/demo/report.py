@@ -1,7 +1,7 @@
 """The demo's report: per-example scores, gains over the base with paired bootstrap
 intervals, the shuffled-image check and the printed table.
 
-Host-side numpy only (the models are run by `perpo_jax.demo`):
+Host-side numpy only (the models are run by `perpo_jax.demo.run`):
 
     scores = example_scores("grounding", texts, gt_boxes)     # {"acc@0.5": [N], "mean_iou": [N]}
     gains = gains_over_base(base_scores, scores, samples=2000)  # {metric: {mean, lo, hi, ...}}

@@ -1,6 +1,6 @@
 """The demo's recipes: its config from the command line, and the configs of its stages
 derived from it (the SFT warm-up, the base's one-shape stage, each compared method). Both
-`demo` (the comparison) and `demo_base` (training a shipped base) build on them.
+`demo.run` (the comparison) and `demo.base` (training a shipped base) build on them.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from perpo_jax.config import Config, load_config
 
-DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEMO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def demo_config(args) -> Config:

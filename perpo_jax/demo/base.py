@@ -23,12 +23,12 @@ from pathlib import Path
 
 from perpo_jax.atomic import atomic_dir
 from perpo_jax.config import Config, ConfigError, DataConfig
-from perpo_jax.demo_recipes import one_shape_config, sft_config
+from perpo_jax.demo.recipes import one_shape_config, sft_config
 
 BASE_CARD = "base_card.json"
 # The bases shipped with the project, one per demo task (`demo.base_path: auto` uses the one
 # made for the config's task): grounding (configs/demo_base.yaml), OCR (demo_ocr_base.yaml)
-_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+_ASSETS = Path(__file__).resolve().parents[2] / "assets"
 SHIPPED_BASE, SHIPPED_OCR_BASE = _ASSETS / "demo_base", _ASSETS / "demo_base_ocr"
 SHIPPED_BASES = (SHIPPED_BASE, SHIPPED_OCR_BASE)
 # data.* settings that define the task a base was trained for: generated example i depends
@@ -148,7 +148,7 @@ def train_base(cfg: Config, out_dir: str, *, command: list[str], overwrite: bool
     <train.out_dir>/base_sft (and base_sft_one_shape), started fresh. Returns the card."""
     from perpo_jax.cli_paths import check_out_dir, protected_paths, resolve_paths
     from perpo_jax.data import prepare
-    from perpo_jax.demo_report import example_scores
+    from perpo_jax.demo.report import example_scores
     from perpo_jax.eval import evaluate
     from perpo_jax import assemble
     from perpo_jax.train.loop import train

@@ -1,6 +1,6 @@
-"""`perpo-jax demo`'s command line, kept apart from `perpo_jax.demo` so that `demo --help` and
+"""`perpo-jax demo`'s command line, kept apart from `perpo_jax.demo.run` so that `demo --help` and
 a usage error answer at once: this module imports nothing heavy (no jax, flax, TFDS), while
-`perpo_jax.demo` takes seconds to import.
+`perpo_jax.demo.run` takes seconds to import.
 
     args = parse_args(["--task", "ocr", "--out", "runs/ocr", "train.seed=1"])
 """
