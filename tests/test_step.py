@@ -14,6 +14,7 @@ from perpo_jax.config import LoraConfig, LossConfig, OptimConfig
 from perpo_jax.mesh import make_mesh
 from perpo_jax.models import LlavaModel, tiny_llava_config
 from perpo_jax.models.lora import LoRAParam, apply_lora
+from perpo_jax.train.loop import bar_fields
 from perpo_jax.train.optim import make_optimizer, make_schedule
 from perpo_jax.train.state import create_train_state, partition_model
 from perpo_jax.train.step import build_ref_logps, build_train_step
@@ -104,6 +105,11 @@ def test_few_steps_on_a_fixed_batch_lower_the_loss(loss_name):
         assert history[-1]["pair_accuracy"] > 0.6
         assert history[-1]["margin"] > 0
     assert float(history[0]["tokens"]) > 0 and float(history[0]["lr"]) == pytest.approx(1e-2)
+    # the train bar shows pair accuracy only where the loss has pairs (SFT lists have one
+    # target: a pair_accuracy=0.00 there would be noise)
+    shown = bar_fields({k: float(v) for k, v in history[-1].items()} | {"tokens_per_s": 1.0})
+    assert ("pair_accuracy" in shown) == (loss_name != "sft")
+    assert shown["loss"] == f"{losses[-1]:.4f}"
 
 
 def test_lora_training_keeps_base_and_reference_fixed():

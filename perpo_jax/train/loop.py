@@ -602,6 +602,14 @@ def _advance(bar, metrics: dict) -> None:
         done = bar.n + 1
         bar.reset()  # restarts start_t AND tqdm's smoothed rate (start_t alone keeps the rate)
         bar.initial = bar.n = bar.last_print_n = done
-    bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                    pair_accuracy=f"{metrics.get('pair_accuracy', 0.0):.2f}",
-                    tokens_per_s=f"{metrics['tokens_per_s']:.0f}")
+    bar.set_postfix(bar_fields(metrics))
+
+
+def bar_fields(metrics: dict) -> dict[str, str]:
+    """The progress bar's figures: loss, pair_accuracy where the loss has pairs (not SFT/RFT,
+    whose lists have one target), tokens/s."""
+    fields = {"loss": f"{metrics['loss']:.4f}"}
+    if "pair_accuracy" in metrics:
+        fields["pair_accuracy"] = f"{metrics['pair_accuracy']:.2f}"
+    fields["tokens_per_s"] = f"{metrics['tokens_per_s']:.0f}"
+    return fields
