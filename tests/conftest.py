@@ -3,9 +3,9 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from xla_env import xla_flags  # (LLVM optimisation off for XLA:CPU: tests/xla_env.py)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 # CPU only, also when empty: with libtpu installed (requirements-test.txt, for the TPU
 # compiler of `perpo-jax plan --tpu`) an unrestricted jax would try to open a TPU. libtpu's
 # compile-only devices need no platform of their own; `perpo_jax.tpu_topology` gives libtpu

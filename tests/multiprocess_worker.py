@@ -16,8 +16,10 @@ import json
 import os
 import sys
 
+from xla_env import xla_flags  # this script's dir (tests/) is sys.path[0]
+
 out_path, local_devices = sys.argv[1], int(sys.argv[2])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+os.environ["XLA_FLAGS"] = xla_flags(local_devices)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 from perpo_jax.distributed import initialize_distributed  # noqa: E402

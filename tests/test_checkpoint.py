@@ -17,6 +17,7 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from xla_env import xla_flags
 
 from perpo_jax import mesh as mesh_lib
 from perpo_jax.checkpoint import Checkpointer, PreemptionGuard, restore_target
@@ -269,7 +270,7 @@ def test_unfinalised_newer_step_is_ignored(tmp_path):
 
 def _subprocess_env():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = xla_flags(1)
     return env
 
 

@@ -26,6 +26,7 @@ import yaml
 from PIL import Image
 
 from tiny_run import tiny_cfg
+from xla_env import xla_flags
 
 from perpo_jax import cli, cli_paths
 from perpo_jax.config import ConfigError, config_from_dict, config_to_dict
@@ -404,7 +405,7 @@ def test_ctrl_c_during_training_saves_and_says_how_to_resume(shared, tmp_path):
                    "train.rounds=30", *SFT)
     config = _write_yaml(tmp_path / "t.yaml", cfg)
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags(1))
     metrics = tmp_path / "run" / "metrics.jsonl"
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "perpo_jax.cli", "train", "--config",

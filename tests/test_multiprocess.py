@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from xla_env import xla_flags
 
 from perpo_jax.cli import main
 from perpo_jax.distributed import check_args, wants_auto
@@ -35,14 +36,13 @@ def run_processes(commands: list[list[str]], log_dir: Path, devices: list[int] |
     LIMIT_S for all, kills (by pid, each in its own session) whatever is left; returns the
     logs. sigterm=(targets, i, text): SIGTERM to the `targets` once log i shows `text`."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PERPO_JAX_DISTRIBUTED")}
-    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_PLATFORMS"], env["XLA_FLAGS"] = "cpu", xla_flags()
     log_dir.mkdir(parents=True, exist_ok=True)
     paths = [log_dir / f"proc{i}.log" for i in range(len(commands))]
     procs = []
     for i, cmd in enumerate(commands):
         log = open(paths[i], "w")
-        extra = ({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices[i]}"}
-                 if devices else {})
+        extra = {"XLA_FLAGS": xla_flags(devices[i])} if devices else {}
         procs.append((subprocess.Popen(cmd, env={**env, **extra}, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True), log))
     deadline = time.monotonic() + LIMIT_S
