@@ -54,7 +54,7 @@ from perpo_jax.cli_paths import (
     resolve_args,
     resolve_paths,
 )
-from perpo_jax.config import Config, ConfigError, config_from_dict, load_config
+from perpo_jax.config import Config, ConfigError, load_config
 from perpo_jax.host_memory import keep_host_memory
 from perpo_jax.write_checks import WRITE_ERRNOS, OutputWriteError
 
