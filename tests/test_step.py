@@ -14,7 +14,7 @@ from perpo_jax.config import LoraConfig, LossConfig, OptimConfig
 from perpo_jax.mesh import make_mesh
 from perpo_jax.models import LlavaModel, tiny_llava_config
 from perpo_jax.models.lora import LoRAParam, apply_lora
-from perpo_jax.train.loop import bar_fields
+from perpo_jax.train.progress import bar_fields
 from perpo_jax.train.optim import make_optimizer, make_schedule
 from perpo_jax.train.state import create_train_state, partition_model
 from perpo_jax.train.step import build_ref_logps, build_train_step

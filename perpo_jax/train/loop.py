@@ -42,7 +42,6 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from perpo_jax import storage
 from perpo_jax.checkpoint import Checkpointer, PreemptionGuard
@@ -59,6 +58,7 @@ from perpo_jax.train.hosts import global_max, to_global
 from perpo_jax.train.listset import ListSet
 from perpo_jax.train.loggers import require_loggers
 from perpo_jax.train.optim import make_optimizer
+from perpo_jax.train.progress import advance, progress_bar, say
 from perpo_jax.train.run_lock import RunLock
 from perpo_jax.train.run_log import RunLog, plot_curves
 from perpo_jax.train.state import (create_train_state, partition_model, reference_state,
@@ -448,7 +448,7 @@ def _run_rounds(cfg: Config, trainer: _Trainer, loader: ShardedLoader, ckpt: Che
         position = {"round": 0, "step_in_round": 0, "loader": loader.state()}
     log.truncate_after(int(trainer.state.step))  # rows a killed run wrote after its checkpoint
     run = _Run(cfg, trainer, loader, ckpt, log, stop_at_step,
-               _progress(progress, trainer.plan.total_steps, int(trainer.state.step)))
+               progress_bar(progress, trainer.plan.total_steps, int(trainer.state.step)))
     try:
         with PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT)) as guard:
             for r in range(position["round"], trainer.plan.rounds):
@@ -514,7 +514,7 @@ class _Run:
         kept, prompts = int(stats.get("lists_kept", 0)), int(stats.get("prompts", 0))
         drops = rounds.describe_drops(stats, self.cfg.data.min_margin)
         note = "" if kept else f": its {self.trainer.plan.round_steps[r]} updates are skipped"
-        _say(self.bar, f"[round {r}] {kept}/{prompts} lists kept ({drops}){note}")
+        say(self.bar, f"[round {r}] {kept}/{prompts} lists kept ({drops}){note}")
 
     def round(self, r: int, position: dict, guard) -> dict:
         """Runs round r from `position` (maybe mid-round); returns the position after it."""
@@ -560,7 +560,7 @@ class _Run:
             self.history.append({"step": step, **metrics})
             if step % cfg.train.log_every == 0:
                 self.log.write(metrics, step=step)
-            _advance(self.bar, metrics)
+            advance(self.bar, metrics)
             last = i + 1 == planned
             position = {"round": r + 1 if last else r, "step_in_round": 0 if last else i + 1,
                         "loader": self.loader.state(), "loader_at_round_start": start_state}
@@ -571,45 +571,3 @@ class _Run:
                 return position
         return {"round": r + 1, "step_in_round": 0, "loader": self.loader.state(),
                 "loader_at_round_start": start_state}
-
-
-def _say(bar, text: str) -> None:
-    """A line above the progress bar (or plain print without one)."""
-    if bar is not None:
-        bar.write(text)
-    else:
-        print(text, flush=True)
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled or jax.process_index() != 0:
-        return None
-    bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-    bar.set_postfix_str("compiling…")
-    bar.compiled = False
-    return bar
-
-
-def _advance(bar, metrics: dict) -> None:
-    """Progress with the metric names of metrics.jsonl; the clock and the smoothed rate (so
-    the ETA) restart after the first step of this process, whose time is mostly compilation."""
-    if bar is None:
-        return
-    if bar.compiled:
-        bar.update(1)
-    else:
-        bar.compiled = True
-        done = bar.n + 1
-        bar.reset()  # restarts start_t AND tqdm's smoothed rate (start_t alone keeps the rate)
-        bar.initial = bar.n = bar.last_print_n = done
-    bar.set_postfix(bar_fields(metrics))
-
-
-def bar_fields(metrics: dict) -> dict[str, str]:
-    """The progress bar's figures: loss, pair_accuracy where the loss has pairs (not SFT/RFT,
-    whose lists have one target), tokens/s."""
-    fields = {"loss": f"{metrics['loss']:.4f}"}
-    if "pair_accuracy" in metrics:
-        fields["pair_accuracy"] = f"{metrics['pair_accuracy']:.2f}"
-    fields["tokens_per_s"] = f"{metrics['tokens_per_s']:.0f}"
-    return fields
