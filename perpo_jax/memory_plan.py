@@ -43,6 +43,7 @@ from perpo_jax.hf.load import read_config
 from perpo_jax.mesh import MESH_AXES, logical_sharding, make_mesh, state_shardings
 from perpo_jax.models import build_model, tiny_llava_config
 from perpo_jax.models.config import as_jnp_dtype
+from perpo_jax.models.layers import ShapeOnlyKeys
 from perpo_jax.assemble import (DEFAULT_VOCAB_SIZE, tiny_geometry, tiny_kwargs,
                                           with_model_settings)
 from perpo_jax.models.lora import LoRAParam, apply_lora, trainable_filter
@@ -79,31 +80,14 @@ def _count(state) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
 
 
-class _ShapeOnlyKeys:
-    """Stands in for `nnx.Rngs` where only shapes are wanted: each stream gives one fixed key,
-    so a draw updates no counter. Why: under `eval_shape` every nnx.Rngs draw makes flax compare
-    the new counter's `.sharding`, which on a tracer builds an error text by walking the whole
-    trace so far -- quadratic in the model's size (28 of the 34 s of the 7B abstract model,
-    profiled), linear here."""
-
-    def __init__(self, seed: int):
-        self._key = jax.random.key(seed)
-
-    def params(self) -> jax.Array:
-        return self._key
-
-    def dropout(self) -> jax.Array:
-        return self._key
-
-
 def abstract_model(cfg: Config, config):
     """(abstract model with LoRA attached as the trainer does, base parameter count)."""
 
     def with_lora():
-        model = build_model(config, rngs=_ShapeOnlyKeys(0))
+        model = build_model(config, rngs=ShapeOnlyKeys(0))
         if cfg.lora.enabled:
             lora = dataclasses.replace(cfg.lora, dropout=0.0) if cfg.train.disable_dropout else cfg.lora
-            apply_lora(model, lora, _ShapeOnlyKeys(cfg.train.seed),
+            apply_lora(model, lora, ShapeOnlyKeys(cfg.train.seed),
                        param_dtype=as_jnp_dtype(cfg.model.param_dtype))
         return model
 

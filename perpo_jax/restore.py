@@ -37,6 +37,7 @@ from perpo_jax.hf.save import copy_side_files
 from perpo_jax.mesh import make_mesh, state_shardings
 from perpo_jax.models import build_model as new_model
 from perpo_jax.models.config import as_jnp_dtype
+from perpo_jax.models.layers import ShapeOnlyKeys
 from perpo_jax.assemble import build_run_model, check_model_processor, place_on_mesh
 from perpo_jax.models.lora import apply_lora, trainable_filter
 from perpo_jax.models.lora import merge_lora as merge_adapters
@@ -170,7 +171,7 @@ def _restore_converted(cfg: Config, path: str, mesh):
             config = read_config(tmp, as_jnp_dtype(cfg.model.dtype))
     else:
         config = read_config(path, as_jnp_dtype(cfg.model.dtype))
-    abstract = nnx.eval_shape(lambda: new_model(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: new_model(config, rngs=ShapeOnlyKeys(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     params = _restore_params(os.path.join(path, PARAMS_ITEM), abstract_params, mesh)
     return nnx.merge(graphdef, params)

@@ -33,6 +33,7 @@ from perpo_jax.hf.mapping import (
 from perpo_jax.hf.safetensors_io import ShardReader, TensorInfo, checkpoint_index
 from perpo_jax.models.clip_text import ClipConfig, build_clip
 from perpo_jax.models.config import LlavaConfig, dtype_name
+from perpo_jax.models.layers import ShapeOnlyKeys
 from perpo_jax.models.llava import build_model
 
 
@@ -97,7 +98,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh=None):
             return load_pretrained(local, dtype, mesh)
     config = read_config(path, dtype)
     infos = checkpoint_index(path)
-    abstract = nnx.eval_shape(lambda: _builder(config)(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: _builder(config)(config, rngs=ShapeOnlyKeys(0)))
     graphdef, abs_state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(abs_state))
     our_shapes = {p: tuple(v.get_value().shape) for p, v in flat}
